@@ -1,0 +1,1 @@
+//! The picloud node agent.

@@ -1,0 +1,148 @@
+//! A blocking client connection to the server, shared by the CLI and the C ABI.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::frame::{FrameError, read_frame, write_frame};
+use crate::msg::{ClientRequest, Hello, ProtoError, Role, ServerReply};
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP `host:port`.
+    Tcp(String),
+}
+
+impl ServerAddr {
+    /// Parses `--server` values: a `host:port` is TCP, anything else a socket path
+    /// (a directory means its `server.sock`).
+    pub fn parse(s: &str) -> Self {
+        let p = Path::new(s);
+        if p.is_dir() {
+            return ServerAddr::Unix(p.join(crate::SOCKET_NAME));
+        }
+        let looks_tcp = !s.contains('/')
+            && s.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+        if looks_tcp { ServerAddr::Tcp(s.to_string()) } else { ServerAddr::Unix(p.to_path_buf()) }
+    }
+
+    /// The server socket of a state directory.
+    pub fn of_state_dir(dir: &Path) -> Self {
+        ServerAddr::Unix(dir.join(crate::SOCKET_NAME))
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Unix(p) => write!(f, "{}", p.display()),
+            ServerAddr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// The state directory: `$PICLOUD_DIR`, else `~/.picloud`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PICLOUD_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".picloud")
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens at the address.
+    #[error("no picloud server is running at {addr} (start one with `picloud up`, or set PICLOUD_DIR)")]
+    NotRunning {
+        /// Where we looked.
+        addr: ServerAddr,
+    },
+    /// Connecting failed for another reason.
+    #[error("cannot connect to the picloud server at {addr}: {source}")]
+    Connect {
+        /// Where we tried.
+        addr: ServerAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server refused the request or the handshake.
+    #[error("{0}")]
+    Server(ProtoError),
+    /// The connection broke.
+    #[error("lost the connection to the picloud server: {0}")]
+    Frame(#[from] FrameError),
+    /// The server answered something unexpected.
+    #[error("unexpected reply from the server: {0}")]
+    Unexpected(String),
+}
+
+trait Stream: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> Stream for T {}
+
+/// A connected, handshaken client.
+pub struct Client {
+    reader: BufReader<Box<dyn std::io::Read + Send>>,
+    writer: BufWriter<Box<dyn Stream>>,
+    server_name: String,
+}
+
+impl Client {
+    /// Connects to `addr` and performs the handshake.
+    pub fn connect(addr: &ServerAddr) -> Result<Self, ClientError> {
+        let connect_err = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning { addr: addr.clone() }
+            }
+            _ => ClientError::Connect { addr: addr.clone(), source },
+        };
+        let (r, w): (Box<dyn std::io::Read + Send>, Box<dyn Stream>) = match addr {
+            ServerAddr::Unix(p) => {
+                let s = UnixStream::connect(p).map_err(connect_err)?;
+                (Box::new(s.try_clone().map_err(connect_err)?), Box::new(s))
+            }
+            ServerAddr::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(connect_err)?;
+                s.set_nodelay(true).ok();
+                (Box::new(s.try_clone().map_err(connect_err)?), Box::new(s))
+            }
+        };
+        let mut client =
+            Client { reader: BufReader::new(r), writer: BufWriter::new(w), server_name: String::new() };
+        write_frame(&mut client.writer, &Hello::new(Role::Client))?;
+        client.writer.flush().map_err(FrameError::Io)?;
+        match read_frame::<ServerReply>(&mut client.reader)? {
+            ServerReply::Welcome { server_name, .. } => client.server_name = server_name,
+            ServerReply::Error(e) => return Err(ClientError::Server(e)),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+        Ok(client)
+    }
+
+    /// Connects to the server of the default state directory.
+    pub fn connect_default() -> Result<Self, ClientError> {
+        Self::connect(&ServerAddr::of_state_dir(&default_state_dir()))
+    }
+
+    /// The server's name (suffix of job ids).
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// Sends one request and returns its reply; a [`ServerReply::Error`] becomes
+    /// [`ClientError::Server`].
+    pub fn request(&mut self, req: &ClientRequest) -> Result<ServerReply, ClientError> {
+        write_frame(&mut self.writer, req)?;
+        self.writer.flush().map_err(FrameError::Io)?;
+        match read_frame::<ServerReply>(&mut self.reader)? {
+            ServerReply::Error(e) => Err(ClientError::Server(e)),
+            reply => Ok(reply),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! Length-prefixed framing: `u32` little-endian length, then a bincode payload.
+//!
+//! [`read_frame`]/[`write_frame`] serve blocking streams; [`FrameReader`] is the
+//! incremental decoder used by the non-blocking server, fed with whatever bytes
+//! arrived and yielding every complete frame.
+
+use std::io::{self, Read, Write};
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::MAX_FRAME_LEN;
+
+/// Why a frame could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer announced a frame above [`MAX_FRAME_LEN`].
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    TooLarge {
+        /// Announced payload length.
+        len: usize,
+    },
+    /// The payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(#[source] bincode::Error),
+    /// The stream ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// The stream ended cleanly between frames.
+    #[error("connection closed")]
+    Closed,
+    /// The underlying stream failed.
+    #[error("i/o error: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// Encodes `msg` as one frame (length prefix included) appended to `out`.
+pub fn encode_into<T: Serialize>(msg: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    bincode::serialize_into(&mut *out, msg).expect("serialising into a Vec cannot fail");
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(msg, &mut out);
+    out
+}
+
+/// Decodes one frame payload (without its length prefix).
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    bincode::deserialize(payload).map_err(FrameError::Malformed)
+}
+
+/// Writes `msg` as one frame to a blocking stream.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg)).map_err(FrameError::Io)
+}
+
+/// Reads one frame from a blocking stream and decodes it.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    match read_full(r, &mut len)? {
+        0 => return Err(FrameError::Closed),
+        4 => {}
+        _ => return Err(FrameError::Truncated),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge { len });
+    }
+    let mut payload = vec![0; len];
+    if read_full(r, &mut payload)? != len {
+        return Err(FrameError::Truncated);
+    }
+    decode(&payload)
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, FrameError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(filled)
+}
+
+/// Incremental frame decoder for non-blocking streams.
+///
+/// Bytes are appended with [`FrameReader::buffer_mut`]-style reads through
+/// [`FrameReader::read_from`]; complete payloads are taken with
+/// [`FrameReader::next_payload`]. An oversized length is reported as soon as
+/// its 4 bytes arrive, before any of the payload is buffered.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameReader {
+    /// A reader with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads what `r` has available until it would block. Returns `Ok(false)`
+    /// when the stream reached its end.
+    pub fn read_from(&mut self, r: &mut impl Read) -> io::Result<bool> {
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Appends bytes directly (for tests and for callers that read themselves).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Returns the next complete payload, `Ok(None)` if more bytes are needed.
+    pub fn next_payload(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        self.compact();
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge { len });
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let begin = self.start + 4;
+        self.start = begin + len;
+        Ok(Some(&self.buf[begin..begin + len]))
+    }
+
+    /// Whether bytes of an incomplete frame are buffered.
+    pub fn has_partial(&self) -> bool {
+        self.buf.len() > self.start
+    }
+
+    /// Drops consumed bytes once they dominate the buffer.
+    fn compact(&mut self) {
+        if self.start > 0 && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_blocking() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &(7u32, "hello".to_string())).unwrap();
+        write_frame(&mut wire, &vec![1u64, 2, 3]).unwrap();
+        let mut r = &wire[..];
+        let a: (u32, String) = read_frame(&mut r).unwrap();
+        let b: Vec<u64> = read_frame(&mut r).unwrap();
+        assert_eq!(a, (7, "hello".to_string()));
+        assert_eq!(b, vec![1, 2, 3]);
+        assert!(matches!(read_frame::<u32>(&mut r), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn truncated_frame_is_reported() {
+        let wire = encode(&"a long enough string".to_string());
+        let mut r = &wire[..wire.len() - 3];
+        assert!(matches!(read_frame::<String>(&mut r), Err(FrameError::Truncated)));
+        let mut r = &wire[..2];
+        assert!(matches!(read_frame::<String>(&mut r), Err(FrameError::Truncated)));
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_reading_payload() {
+        let wire = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        let mut r = &wire[..];
+        assert!(matches!(read_frame::<String>(&mut r), Err(FrameError::TooLarge { .. })));
+        let mut fr = FrameReader::new();
+        fr.push(&wire);
+        assert!(matches!(fr.next_payload(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn incremental_reader_yields_frames_split_anywhere() {
+        let mut wire = Vec::new();
+        for i in 0..50u32 {
+            encode_into(&(i, vec![i; i as usize]), &mut wire);
+        }
+        for chunk in [1usize, 3, 7, 64] {
+            let mut fr = FrameReader::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                fr.push(piece);
+                while let Some(p) = fr.next_payload().unwrap() {
+                    got.push(decode::<(u32, Vec<u32>)>(p).unwrap());
+                }
+            }
+            assert_eq!(got.len(), 50);
+            assert!(got.iter().enumerate().all(|(i, (n, v))| *n == i as u32 && v.len() == i));
+            assert!(!fr.has_partial());
+        }
+    }
+
+    #[test]
+    fn garbage_payload_is_malformed() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&3u32.to_le_bytes());
+        wire.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let mut r = &wire[..];
+        assert!(matches!(read_frame::<String>(&mut r), Err(FrameError::Malformed(_))));
+    }
+}

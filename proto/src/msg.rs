@@ -1,0 +1,583 @@
+//! The messages of the protocol, grouped by who sends them.
+//!
+//! 1. A peer connects and sends a [`Hello`] naming its role.
+//! 2. The server answers [`ServerReply::Welcome`], or [`ServerReply::Error`]
+//!    and closes (wrong magic, wrong version, malformed frame).
+//! 3. A client then sends [`ClientRequest`]s; each gets exactly one
+//!    [`ServerReply`], in order. (`Wait` replies when its jobs have ended.)
+//! 4. An agent sends [`AgentMsg`]s and receives [`ToAgent`] messages.
+//!
+//! Variants are only ever appended, so that [`ServerReply::Error`] stays
+//! decodable by peers of another version when the handshake refuses them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ArrayIndices, JobRef, TaskId};
+
+/// First frame on every connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`crate::HELLO_MAGIC`].
+    pub magic: u32,
+    /// The sender's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Who is connecting.
+    pub role: Role,
+}
+
+impl Hello {
+    /// A hello of this build for `role`.
+    pub fn new(role: Role) -> Self {
+        Self { magic: crate::HELLO_MAGIC, version: crate::PROTOCOL_VERSION, role }
+    }
+}
+
+/// The role a peer announces in its [`Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Role {
+    /// A command-line tool or library client.
+    Client,
+    /// A node agent offering its node.
+    Agent(NodeInfo),
+}
+
+// ---------------------------------------------------------------------------
+// Resources and topology
+
+/// A node's hardware as the agent discovered it (hwloc).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Host name of the node.
+    pub hostname: String,
+    /// NUMA nodes with their processing units and memory.
+    pub numa_nodes: Vec<NumaNode>,
+    /// Physical cores, each as the OS indices of its PUs (hardware threads).
+    pub cores: Vec<Vec<u32>>,
+    /// Total memory of the node in bytes.
+    pub memory: u64,
+    /// Processor packages (sockets).
+    pub packages: u32,
+    /// Which resource limits this agent can enforce, in words (e.g. "cgroup v1"),
+    /// or why it cannot.
+    pub limits: String,
+}
+
+impl NodeInfo {
+    /// OS indices of every PU of the node, in core order.
+    pub fn pus(&self) -> impl Iterator<Item = u32> + '_ {
+        self.cores.iter().flatten().copied()
+    }
+}
+
+/// One NUMA node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NumaNode {
+    /// OS index of the NUMA node.
+    pub os_index: u32,
+    /// OS indices of the PUs local to it.
+    pub pus: Vec<u32>,
+    /// Local memory in bytes.
+    pub memory: u64,
+}
+
+/// Resources a job asks for (`qsub -l`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU cores (`ncpus`, `ppn`). At least 1.
+    pub ncpus: u32,
+    /// Memory limit in bytes (`mem`).
+    pub mem: Option<u64>,
+    /// Wall-clock limit in seconds (`walltime`).
+    pub walltime: Option<u64>,
+    /// Resources picloud does not interpret, kept and shown as given.
+    pub other: Vec<(String, String)>,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self { ncpus: 1, mem: None, walltime: None, other: Vec::new() }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Submission
+
+/// What a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobCommand {
+    /// A script, copied at submission: run by its `#!` interpreter, else `/bin/sh`.
+    Script {
+        /// Full text of the script.
+        body: String,
+    },
+    /// An executable with its arguments (`qsub -- CMD ARGS`), looked up in `PATH`.
+    Argv(Vec<String>),
+}
+
+/// How stdout and stderr are joined (`qsub -j`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum JoinStreams {
+    /// Separate files.
+    #[default]
+    No,
+    /// stderr goes into the stdout file (`-j oe`).
+    IntoOut,
+    /// stdout goes into the stderr file (`-j eo`).
+    IntoErr,
+}
+
+/// Kinds of job dependency (`qsub -W depend=KIND:ID`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DependKind {
+    /// Run after the job succeeded (exit status 0).
+    AfterOk,
+    /// Run after the job ended, however it ended.
+    AfterAny,
+    /// Run after the job failed (non-zero exit, killed, never ran).
+    AfterNotOk,
+}
+
+impl DependKind {
+    /// The PBS spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DependKind::AfterOk => "afterok",
+            DependKind::AfterAny => "afterany",
+            DependKind::AfterNotOk => "afternotok",
+        }
+    }
+}
+
+/// One dependency of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    /// When the dependent job may run.
+    pub kind: DependKind,
+    /// The job depended upon (a job, an array or an array task).
+    pub on: JobRef,
+}
+
+/// Everything a submission says about a job. Paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Job name (`-N`, default the script's file name or `STDIN`).
+    pub name: String,
+    /// What to run.
+    pub command: JobCommand,
+    /// Directory the job starts in (the submit directory).
+    pub workdir: String,
+    /// The job's environment, complete: the submitter's (`-V`) or a clean one,
+    /// plus `-v` variables and the `PBS_O_*` variables.
+    pub env: Vec<(String, String)>,
+    /// stdout file or directory (`-o`); `None` means `<name>.o<seq>` in `workdir`.
+    /// `^array_index^` is replaced by the task's index.
+    pub stdout: Option<String>,
+    /// stderr file or directory (`-e`); `None` means `<name>.e<seq>` in `workdir`.
+    pub stderr: Option<String>,
+    /// `-j`.
+    pub join: JoinStreams,
+    /// Queue name (`-q`); informational.
+    pub queue: Option<String>,
+    /// Account (`-A`); informational.
+    pub account: Option<String>,
+    /// Project (`-P`); informational.
+    pub project: Option<String>,
+    /// Submitted in the held state (`-h`).
+    pub hold: bool,
+    /// Requested resources (`-l`).
+    pub resources: Resources,
+    /// Array indices (`-J`, `-t`), for a job array.
+    pub array: Option<ArrayIndices>,
+    /// Dependencies (`-W depend=`).
+    pub depend: Vec<Dependency>,
+    /// Whether the job may be rerun after a node failure (`-r`).
+    pub rerunnable: bool,
+    /// Explicit priority (`-p`), -1024..=1023.
+    pub priority: i32,
+    /// Host the job was submitted from.
+    pub submit_host: String,
+    /// The submit command line as typed, for `qstat -f` (`Submit_arguments`).
+    pub submit_args: String,
+}
+
+// ---------------------------------------------------------------------------
+// Client requests and server replies
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Queue a job or array. Replied with [`ServerReply::Submitted`].
+    Submit(Box<JobSpec>),
+    /// List jobs. Replied with [`ServerReply::Jobs`].
+    Stat(StatRequest),
+    /// Cancel jobs, arrays or tasks. Replied with [`ServerReply::Cancelled`].
+    Cancel(Vec<JobRef>),
+    /// Release held jobs. Replied with [`ServerReply::Released`].
+    Release(Vec<JobRef>),
+    /// Wait until every referenced job has ended. Replied with
+    /// [`ServerReply::Jobs`] (their final states) or an error on timeout.
+    Wait {
+        /// Jobs to wait for.
+        jobs: Vec<JobRef>,
+        /// Give up after this many milliseconds.
+        timeout_ms: Option<u64>,
+    },
+    /// List nodes. Replied with [`ServerReply::Nodes`].
+    Nodes,
+    /// Server facts. Replied with [`ServerReply::ServerStatus`].
+    ServerStatus,
+    /// Ask the server to stop (its owner or root only). Replied with `Ok`.
+    Shutdown,
+}
+
+/// Which jobs a [`ClientRequest::Stat`] lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatRequest {
+    /// Only these jobs; all when empty. Unknown ids give an error entry.
+    pub jobs: Vec<JobRef>,
+    /// Include finished jobs still remembered (`qstat -x`).
+    pub include_finished: bool,
+    /// Only jobs of this user (`qstat -u`).
+    pub user: Option<String>,
+    /// List each array task as well as the array (`qstat -t`).
+    pub expand_arrays: bool,
+}
+
+/// A reply from the server; exactly one per request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerReply {
+    /// The request failed; nothing was changed.
+    Error(ProtoError),
+    /// Handshake accepted.
+    Welcome {
+        /// The server's name, the suffix of every job id.
+        server_name: String,
+        /// The server's protocol version.
+        version: u32,
+    },
+    /// A job was queued under this id (`12.server` or `12[].server`).
+    Submitted {
+        /// Sequence number.
+        seq: u64,
+        /// Full PBS-style id.
+        id: String,
+    },
+    /// Jobs, plus the ids that matched nothing.
+    Jobs {
+        /// The jobs.
+        jobs: Vec<JobInfo>,
+        /// Ids given that name no job the server knows.
+        unknown: Vec<JobRef>,
+    },
+    /// Outcome of a cancel, one entry per reference given.
+    Cancelled(Vec<(JobRef, RefOutcome)>),
+    /// Outcome of a release, one entry per reference given.
+    Released(Vec<(JobRef, RefOutcome)>),
+    /// The nodes.
+    Nodes(Vec<NodeStatus>),
+    /// Server facts.
+    ServerStatus(ServerStatus),
+    /// Done.
+    Ok,
+}
+
+/// What happened to one id of a cancel or release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefOutcome {
+    /// Acted upon.
+    Done,
+    /// Already finished: nothing to do, not an error.
+    AlreadyFinished,
+    /// Not in the state the request needs (e.g. releasing a job not held).
+    NotApplicable,
+    /// No such job.
+    Unknown,
+    /// The job belongs to another user.
+    PermissionDenied,
+}
+
+/// An error sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ProtoError {
+    /// Machine-readable kind.
+    pub kind: ErrorKind,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ProtoError {
+    /// An error of `kind` saying `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+/// Kinds of [`ProtoError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// A frame could not be decoded.
+    Malformed,
+    /// The request is understood but invalid (e.g. a job no node can ever run).
+    Invalid,
+    /// An id names no job.
+    UnknownJob,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// A wait ran out of time.
+    Timeout,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// State of a job as PBS shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for resources (`Q`).
+    Queued,
+    /// Held by the user or waiting on a dependency (`H`).
+    Held,
+    /// Running (`R`).
+    Running,
+    /// Its processes ended; being cleaned up (`E`).
+    Exiting,
+    /// Ended (`F`).
+    Finished,
+    /// An array with at least one task started (`B`).
+    Begun,
+}
+
+impl JobState {
+    /// The PBS state letter.
+    pub fn letter(&self) -> char {
+        match self {
+            JobState::Queued => 'Q',
+            JobState::Held => 'H',
+            JobState::Running => 'R',
+            JobState::Exiting => 'E',
+            JobState::Finished => 'F',
+            JobState::Begun => 'B',
+        }
+    }
+}
+
+/// Everything `qstat -f` shows of one job, array or array task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Full PBS-style id.
+    pub id: String,
+    /// Which unit this is (`index` set for an array task).
+    pub task: TaskId,
+    /// Whether this entry is an array as a whole.
+    pub is_array: bool,
+    /// The submission.
+    pub spec: JobSpecSummary,
+    /// Owner's user name.
+    pub user: String,
+    /// Current state.
+    pub state: JobState,
+    /// Exit status once finished: the exit code, 256 + signal when killed by a
+    /// signal, or negative when the job never ran.
+    pub exit_status: Option<i32>,
+    /// Why the job is in its state (failed to start, dependency, walltime...).
+    pub comment: Option<String>,
+    /// Node and cores it ran on (`exec_host`, e.g. `node1/0*2`).
+    pub exec_host: Option<String>,
+    /// OS indices of the PUs it was pinned to.
+    pub cpus: Vec<u32>,
+    /// Submission time (Unix seconds).
+    pub ctime: u64,
+    /// Time it became eligible to run (Unix seconds).
+    pub etime: Option<u64>,
+    /// Start time (Unix seconds).
+    pub stime: Option<u64>,
+    /// End time (Unix seconds).
+    pub end_time: Option<u64>,
+    /// Resources used so far or in total.
+    pub used: ResourcesUsed,
+    /// Resolved stdout path.
+    pub stdout_path: String,
+    /// Resolved stderr path.
+    pub stderr_path: String,
+    /// For an array: counts of its tasks by state.
+    pub array_counts: Option<ArrayCounts>,
+}
+
+/// Counts of an array's tasks by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayCounts {
+    /// Waiting.
+    pub queued: u64,
+    /// Running.
+    pub running: u64,
+    /// Ended.
+    pub finished: u64,
+}
+
+/// The parts of a [`JobSpec`] worth showing, without the script and environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpecSummary {
+    /// Job name.
+    pub name: String,
+    /// Queue name.
+    pub queue: String,
+    /// Account.
+    pub account: Option<String>,
+    /// Project.
+    pub project: Option<String>,
+    /// Requested resources.
+    pub resources: Resources,
+    /// Array indices, for arrays and their tasks.
+    pub array: Option<String>,
+    /// Dependencies as PBS writes them (`afterok:12.srv`).
+    pub depend: Option<String>,
+    /// Working directory.
+    pub workdir: String,
+    /// Submit host.
+    pub submit_host: String,
+    /// Submit arguments.
+    pub submit_args: String,
+    /// Rerunnable.
+    pub rerunnable: bool,
+    /// Explicit priority.
+    pub priority: i32,
+    /// `-j`.
+    pub join: JoinStreams,
+    /// Held at submission.
+    pub hold: bool,
+}
+
+/// Resources a job used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourcesUsed {
+    /// CPU time, user plus system, in milliseconds.
+    pub cput_ms: u64,
+    /// Wall-clock time in milliseconds.
+    pub walltime_ms: u64,
+    /// Peak resident memory in bytes.
+    pub mem: u64,
+}
+
+/// A node as `picloud nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name (its host name).
+    pub name: String,
+    /// `up`, or `down` once its agent has gone.
+    pub state: String,
+    /// Hardware.
+    pub info: NodeInfo,
+    /// PUs in use by jobs.
+    pub used_pus: Vec<u32>,
+    /// Jobs running there.
+    pub running: Vec<String>,
+}
+
+/// Server facts for `qstat -B`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    /// Server name.
+    pub name: String,
+    /// Protocol version.
+    pub version: u32,
+    /// Jobs queued (tasks not yet started), running and held.
+    pub queued: u64,
+    /// Tasks running.
+    pub running: u64,
+    /// Jobs held.
+    pub held: u64,
+    /// Jobs remembered as finished.
+    pub finished: u64,
+    /// Nodes up.
+    pub nodes_up: u32,
+    /// Seconds a finished job stays queryable.
+    pub keep_finished_secs: u64,
+    /// State directory.
+    pub state_dir: String,
+}
+
+// ---------------------------------------------------------------------------
+// Server <-> agent
+
+/// A message from the server to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// Handshake accepted; the agent is known as `node`.
+    Welcome {
+        /// Server name, the suffix of job ids.
+        server_name: String,
+    },
+    /// The full description of a job whose tasks will be started on this agent.
+    /// Sent once per job and agent, before its first [`ToAgent::Start`].
+    Define(Box<JobDefinition>),
+    /// Start these tasks.
+    Start(Vec<StartTask>),
+    /// Kill a running task (its whole process group), reporting it as ended.
+    Kill {
+        /// The task.
+        task: TaskId,
+        /// Why, for the job's comment.
+        reason: String,
+    },
+    /// The job will start no more tasks here; forget its definition.
+    Forget {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// Stop: kill every running task and exit.
+    Shutdown,
+}
+
+/// What an agent needs to run every task of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobDefinition {
+    /// Sequence number.
+    pub seq: u64,
+    /// The submission.
+    pub spec: JobSpec,
+    /// Owner's user name.
+    pub user: String,
+    /// Owner's uid.
+    pub uid: u32,
+    /// Owner's primary gid.
+    pub gid: u32,
+}
+
+/// Start one task with the cores the server chose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartTask {
+    /// The task.
+    pub task: TaskId,
+    /// Its full id (`PBS_JOBID`), exactly as qsub printed it (or the task form).
+    pub job_id: String,
+    /// OS indices of the PUs to pin to.
+    pub cpus: Vec<u32>,
+    /// Resolved stdout path.
+    pub stdout_path: String,
+    /// Resolved stderr path.
+    pub stderr_path: String,
+}
+
+/// A message from an agent to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// Tasks that started (their processes exist).
+    Started(Vec<TaskId>),
+    /// Tasks that ended.
+    Finished(Vec<TaskEnd>),
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEnd {
+    /// The task.
+    pub task: TaskId,
+    /// PBS exit status: exit code, or 256 + signal number.
+    pub exit_status: i32,
+    /// Why it ended abnormally, if it did (could not start, walltime, killed).
+    pub comment: Option<String>,
+    /// Resources it used.
+    pub used: ResourcesUsed,
+}

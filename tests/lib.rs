@@ -1,0 +1,1 @@
+//! Shared helpers of the cross-process integration tests.
