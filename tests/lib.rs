@@ -1,1 +1,174 @@
-//! Shared helpers of the cross-process integration tests.
+//! Shared helpers of the cross-process integration tests: a [`Cluster`] is a
+//! real `picloud up` (server and agent processes) in a temporary state
+//! directory, with `qsub`/`qstat`/`qdel`/`qrls` links to the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use picloud_proto::{Client, ClientRequest, ServerAddr, ServerReply};
+
+/// The `picloud` binary under test: `$PICLOUD_BIN`, else the one cargo built
+/// next to this test executable (`target/<profile>/picloud`).
+pub fn picloud_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PICLOUD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("picloud");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build --bins`) or set PICLOUD_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A server and one agent, started with `picloud up` in a temporary directory.
+pub struct Cluster {
+    /// State directory (`PICLOUD_DIR`).
+    pub dir: tempfile::TempDir,
+    /// A scratch directory to submit from.
+    pub work: PathBuf,
+    bin_dir: PathBuf,
+    up: Option<Child>,
+}
+
+impl Cluster {
+    /// Starts `picloud up` and waits until its agent has joined.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts `picloud up` with extra arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("picloud-test-").tempdir().expect("tempdir");
+        let work = dir.path().join("work");
+        let bin_dir = dir.path().join("bin");
+        std::fs::create_dir_all(&work).unwrap();
+        let bin = picloud_bin();
+        let status = Command::new(&bin)
+            .arg("install-pbs-commands")
+            .arg(&bin_dir)
+            .stdout(Stdio::null())
+            .status()
+            .expect("install-pbs-commands");
+        assert!(status.success());
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let up = Command::new(&bin)
+            .args(["up", "--name", "testsrv", "--kill-grace", "1"])
+            .args(extra)
+            .arg("--dir")
+            .arg(dir.path())
+            .env("PICLOUD_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("picloud up");
+        let mut cluster = Cluster { dir, work, bin_dir, up: Some(up) };
+        let addr = cluster.addr();
+        wait_until("the agent to join", Duration::from_secs(30), || {
+            if let Some(status) = cluster.up.as_mut().unwrap().try_wait().unwrap() {
+                panic!("picloud up exited early ({status}): {}", cluster.log());
+            }
+            let Ok(mut c) = Client::connect(&addr) else { return false };
+            matches!(c.request(&ClientRequest::Nodes), Ok(ServerReply::Nodes(n)) if n.iter().any(|n| n.state == "up"))
+        });
+        cluster
+    }
+
+    /// The server's socket.
+    pub fn addr(&self) -> ServerAddr {
+        ServerAddr::of_state_dir(self.dir.path())
+    }
+
+    /// A connected protocol client.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.addr()).expect("connect to the test server")
+    }
+
+    /// What `picloud up` has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// A command (`qsub`, `qstat`, `qdel`, `qrls`, or `picloud`) for this
+    /// cluster, run in the work directory.
+    pub fn cmd(&self, name: &str) -> Command {
+        let path = if name == "picloud" { picloud_bin() } else { self.bin_dir.join(name) };
+        let mut cmd = Command::new(path);
+        cmd.current_dir(&self.work).env("PICLOUD_DIR", self.dir.path()).env_remove("PICLOUD_SERVER");
+        cmd
+    }
+
+    /// Runs a command with `args` to completion.
+    pub fn run(&self, name: &str, args: &[&str]) -> Output {
+        self.cmd(name).args(args).stdin(Stdio::null()).output().expect("run command")
+    }
+
+    /// Writes a script into the work directory and returns its path.
+    pub fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.work.join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    /// `qsub ARGS`, asserting success; returns the printed job id.
+    pub fn qsub(&self, args: &[&str]) -> String {
+        let out = self.run("qsub", args);
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "qsub {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.lines().count(), 1, "qsub must print exactly one line: {stdout:?}");
+        stdout.trim().to_string()
+    }
+
+    /// `qstat -f -F json -x IDS`, parsed; returns the job's object.
+    pub fn job_json(&self, id: &str) -> serde_json::Value {
+        let out = self.run("qstat", &["-f", "-F", "json", "-x", id]);
+        assert!(out.status.success(), "qstat failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qstat JSON");
+        v["Jobs"][id].clone()
+    }
+
+    /// Waits until the job is finished (state F) and returns its JSON.
+    pub fn wait_finished(&self, id: &str, timeout: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        wait_until(&format!("job {id} to finish"), timeout, || {
+            last = self.job_json(id);
+            last["job_state"] == "F"
+        });
+        last
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = up.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+    }
+}

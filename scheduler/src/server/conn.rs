@@ -1,0 +1,132 @@
+//! One connection of the server: a non-blocking stream, the frames read so far
+//! and the bytes waiting to be written.
+
+use std::io::{self, Write};
+
+use mio::net::{TcpStream, UnixStream};
+use mio::{Interest, Registry, Token};
+use picloud_proto::FrameReader;
+use serde::Serialize;
+
+use crate::core::NodeId;
+
+/// A Unix or TCP stream.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Who is at the other end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// Handshake not done yet.
+    Pending,
+    /// A client, identified by the kernel (`SO_PEERCRED`).
+    Client { uid: u32, gid: u32, user: String },
+    /// A node agent.
+    Agent(NodeId),
+}
+
+/// A connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) stream: Stream,
+    pub(crate) reader: FrameReader,
+    pub(crate) peer: Peer,
+    /// Peer credentials, for Unix sockets.
+    pub(crate) cred: Option<(u32, u32)>,
+    out: Vec<u8>,
+    written: usize,
+    /// Close once everything queued is written.
+    pub(crate) closing: bool,
+    /// Whether WRITABLE interest is registered.
+    want_write: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: Stream, cred: Option<(u32, u32)>) -> Self {
+        Conn {
+            stream,
+            reader: FrameReader::new(),
+            peer: Peer::Pending,
+            cred,
+            out: Vec::new(),
+            written: 0,
+            closing: false,
+            want_write: false,
+        }
+    }
+
+    pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(self.stream.source(), token, Interest::READABLE)
+    }
+
+    pub(crate) fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(self.stream.source());
+    }
+
+    /// Queues one message.
+    pub(crate) fn send<T: Serialize>(&mut self, msg: &T) {
+        picloud_proto::frame::encode_into(msg, &mut self.out);
+    }
+
+    pub(crate) fn has_output(&self) -> bool {
+        self.written < self.out.len()
+    }
+
+    /// Writes what the socket takes now. Returns `Err` when the peer is gone.
+    pub(crate) fn flush(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+        }
+        let want = self.has_output();
+        if want != self.want_write {
+            let interest = if want { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            registry.reregister(self.stream.source(), token, interest)?;
+            self.want_write = want;
+        }
+        Ok(())
+    }
+}

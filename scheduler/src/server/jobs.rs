@@ -1,0 +1,367 @@
+//! The server's record of every job: what was submitted, which tasks started
+//! where, how each ended. The core decides; this table remembers, and answers
+//! `qstat` with [`JobInfo`]s.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use picloud_proto::{
+    ArrayCounts, DependKind, JobInfo, JobRef, JobSpec, JobSpecSummary, JobState, JoinStreams, ResourcesUsed, TaskEnd,
+    TaskId,
+};
+
+use crate::core::{Core, EndReason, NodeId, Phase};
+
+/// PBS exit status of a deleted job: signal 9 plus 256, as PBS Pro reports it.
+pub const EXIT_CANCELLED: i32 = 256 + 9;
+/// Exit status of a task that never ran (dependency never met, node lost).
+pub const EXIT_NEVER_RAN: i32 = -1;
+
+/// One started or ended task.
+#[derive(Debug, Clone)]
+pub(crate) struct TaskRecord {
+    pub(crate) node: Option<NodeId>,
+    pub(crate) cpus: Vec<u32>,
+    pub(crate) stime: Option<u64>,
+    pub(crate) end_time: Option<u64>,
+    pub(crate) exit_status: Option<i32>,
+    pub(crate) comment: Option<String>,
+    pub(crate) used: ResourcesUsed,
+    /// A cancel was sent to the agent; the end is reported as a deletion.
+    pub(crate) cancelled_by: Option<String>,
+}
+
+impl TaskRecord {
+    fn ended(exit_status: i32, comment: String, now: u64) -> Self {
+        TaskRecord {
+            node: None,
+            cpus: Vec::new(),
+            stime: None,
+            end_time: Some(now),
+            exit_status: Some(exit_status),
+            comment: Some(comment),
+            used: ResourcesUsed::default(),
+            cancelled_by: None,
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.exit_status.is_some()
+    }
+}
+
+/// One submitted job or array.
+#[derive(Debug)]
+pub(crate) struct JobRecord {
+    pub(crate) seq: u64,
+    pub(crate) spec: JobSpec,
+    pub(crate) user: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) ctime: u64,
+    /// Tasks that started or ended individually (key `None` for a plain job).
+    pub(crate) tasks: BTreeMap<Option<u32>, TaskRecord>,
+    /// How the array tasks that never started ended, when they ended together.
+    pub(crate) rest_ended: Option<TaskRecord>,
+    pub(crate) total: u64,
+    pub(crate) ended: u64,
+    pub(crate) running: u64,
+    /// When the last task ended (Unix seconds).
+    pub(crate) finished_at: Option<u64>,
+    /// Agents that hold this job's definition.
+    pub(crate) defined_on: Vec<NodeId>,
+}
+
+impl JobRecord {
+    pub(crate) fn new(seq: u64, spec: JobSpec, user: String, uid: u32, gid: u32, now: u64) -> Self {
+        let total = spec.array.as_ref().map_or(1, |a| a.len());
+        JobRecord {
+            seq,
+            spec,
+            user,
+            uid,
+            gid,
+            ctime: now,
+            tasks: BTreeMap::new(),
+            rest_ended: None,
+            total,
+            ended: 0,
+            running: 0,
+            finished_at: None,
+            defined_on: Vec::new(),
+        }
+    }
+
+    pub(crate) fn is_array(&self) -> bool {
+        self.spec.array.is_some()
+    }
+
+    /// The id qsub printed: `12.srv` or `12[].srv`.
+    pub(crate) fn id(&self, server: &str) -> String {
+        if self.is_array() { format!("{}[].{server}", self.seq) } else { format!("{}.{server}", self.seq) }
+    }
+
+    /// Records that `task` started on `node`.
+    pub(crate) fn start(&mut self, index: Option<u32>, node: NodeId, cpus: Vec<u32>, now: u64) {
+        self.running += 1;
+        self.tasks.insert(
+            index,
+            TaskRecord {
+                node: Some(node),
+                cpus,
+                stime: Some(now),
+                end_time: None,
+                exit_status: None,
+                comment: None,
+                used: ResourcesUsed::default(),
+                cancelled_by: None,
+            },
+        );
+    }
+
+    /// Records an agent's report of a task's end. Returns whether the task
+    /// counts as a success for dependencies, or `None` if the task was not running.
+    pub(crate) fn finish(&mut self, end: &TaskEnd, now: u64) -> Option<bool> {
+        let rec = self.tasks.get_mut(&end.task.index)?;
+        if rec.is_finished() {
+            return None;
+        }
+        let mut status = end.exit_status;
+        let mut comment = end.comment.clone();
+        if let Some(by) = &rec.cancelled_by {
+            status = EXIT_CANCELLED;
+            comment = Some(format!("Job deleted by {by} while running"));
+        }
+        rec.exit_status = Some(status);
+        rec.comment = comment;
+        rec.used = end.used;
+        rec.end_time = Some(now);
+        self.running -= 1;
+        self.ended += 1;
+        self.mark_if_done(now);
+        Some(status == 0)
+    }
+
+    /// Records tasks that ended without running on their own.
+    pub(crate) fn end(&mut self, index: Option<u32>, reason: &EndReason, by: &str, node_name: &str, now: u64) {
+        let (status, comment) = match reason {
+            EndReason::Cancelled => (EXIT_CANCELLED, format!("Job deleted by {by} before it ran")),
+            EndReason::DependencyNeverSatisfied(why) => (EXIT_NEVER_RAN, format!("Job not run: dependency {why}")),
+            EndReason::NodeLost => (EXIT_NEVER_RAN, format!("Job failed: node {node_name} was lost while it ran")),
+        };
+        match (index, self.is_array()) {
+            (None, true) => {
+                // Every array task not started yet.
+                // Tasks with a record started or ended on their own already.
+                self.ended += self.total - self.tasks.len() as u64;
+                self.rest_ended = Some(TaskRecord::ended(status, comment, now));
+            }
+            (index, _) => {
+                if let Some(rec) = self.tasks.get_mut(&index) {
+                    if rec.exit_status.is_none() {
+                        // A running task whose node was lost.
+                        rec.exit_status = Some(status);
+                        rec.comment = Some(comment);
+                        rec.end_time = Some(now);
+                        self.running -= 1;
+                        self.ended += 1;
+                    }
+                } else {
+                    self.tasks.insert(index, TaskRecord::ended(status, comment, now));
+                    self.ended += 1;
+                }
+            }
+        }
+        self.mark_if_done(now);
+    }
+
+    fn mark_if_done(&mut self, now: u64) {
+        if self.ended == self.total && self.finished_at.is_none() {
+            self.finished_at = Some(now);
+        }
+    }
+
+    /// Whether `r` (which names this job) has ended.
+    pub(crate) fn ref_ended(&self, r: &JobRef, core: &Core) -> bool {
+        match *r {
+            JobRef::Task(_, i) => self.task_record(i, core).is_some_and(|t| t.is_finished()),
+            _ => self.finished_at.is_some(),
+        }
+    }
+
+    /// Whether array task `i` exists.
+    pub(crate) fn has_task(&self, i: u32) -> bool {
+        self.spec.array.as_ref().is_some_and(|a| a.contains(i))
+    }
+
+    /// The record of array task `i`, including one that ended with the rest.
+    fn task_record(&self, i: u32, core: &Core) -> Option<&TaskRecord> {
+        if let Some(t) = self.tasks.get(&Some(i)) {
+            return Some(t);
+        }
+        if self.has_task(i) && !core.is_unstarted(self.seq, i) {
+            return self.rest_ended.as_ref();
+        }
+        None
+    }
+
+    /// Output paths of a task: `(stdout, stderr)`, defaults and `-j` applied.
+    pub(crate) fn output_paths(&self, index: Option<u32>) -> (String, String) {
+        let spec = &self.spec;
+        let resolve = |given: &Option<String>, letter: char| {
+            let file = match index {
+                None => format!("{}.{letter}{}", spec.name, self.seq),
+                Some(i) => format!("{}.{letter}{}.{i}", spec.name, self.seq),
+            };
+            let path = match given {
+                None => Path::new(&spec.workdir).join(file),
+                Some(p) if p.ends_with('/') || Path::new(p).is_dir() => Path::new(p).join(file),
+                Some(p) => Path::new(&spec.workdir).join(p),
+            };
+            let path = path.to_string_lossy().into_owned();
+            match index {
+                Some(i) => path.replace("^array_index^", &i.to_string()),
+                None => path,
+            }
+        };
+        let out = resolve(&spec.stdout, 'o');
+        let err = resolve(&spec.stderr, 'e');
+        match spec.join {
+            JoinStreams::No => (out, err),
+            JoinStreams::IntoOut => (out.clone(), out),
+            JoinStreams::IntoErr => (err.clone(), err),
+        }
+    }
+
+    fn summary(&self, server: &str) -> JobSpecSummary {
+        let spec = &self.spec;
+        let depend = (!spec.depend.is_empty()).then(|| {
+            let mut by_kind: Vec<(DependKind, Vec<String>)> = Vec::new();
+            for d in &spec.depend {
+                let id = format!("{}.{server}", d.on);
+                match by_kind.iter_mut().find(|(k, _)| *k == d.kind) {
+                    Some((_, ids)) => ids.push(id),
+                    None => by_kind.push((d.kind, vec![id])),
+                }
+            }
+            by_kind.iter().map(|(k, ids)| format!("{}:{}", k.as_str(), ids.join(":"))).collect::<Vec<_>>().join(",")
+        });
+        JobSpecSummary {
+            name: spec.name.clone(),
+            queue: spec.queue.clone().unwrap_or_else(|| "workq".to_string()),
+            account: spec.account.clone(),
+            project: spec.project.clone(),
+            resources: spec.resources.clone(),
+            array: spec.array.as_ref().map(|a| a.to_string()),
+            depend,
+            workdir: spec.workdir.clone(),
+            submit_host: spec.submit_host.clone(),
+            submit_args: spec.submit_args.clone(),
+            rerunnable: spec.rerunnable,
+            priority: spec.priority,
+            join: spec.join,
+            hold: spec.hold,
+        }
+    }
+
+    /// What `qstat` shows of the job or array as a whole.
+    pub(crate) fn info(&self, server: &str, core: &Core, node_name: &dyn Fn(NodeId) -> String) -> JobInfo {
+        let queued_state = match core.phase(self.seq) {
+            Phase::Held | Phase::WaitingDependencies => JobState::Held,
+            _ => JobState::Queued,
+        };
+        let (out, err) = self.output_paths(None);
+        let mut info = JobInfo {
+            id: self.id(server),
+            task: TaskId { seq: self.seq, index: None },
+            is_array: self.is_array(),
+            spec: self.summary(server),
+            user: self.user.clone(),
+            state: queued_state,
+            exit_status: None,
+            comment: None,
+            exec_host: None,
+            cpus: Vec::new(),
+            ctime: self.ctime,
+            etime: Some(self.ctime),
+            stime: None,
+            end_time: self.finished_at,
+            used: ResourcesUsed::default(),
+            stdout_path: out,
+            stderr_path: err,
+            array_counts: None,
+        };
+        if self.is_array() {
+            info.array_counts = Some(ArrayCounts {
+                queued: self.total - self.ended - self.running,
+                running: self.running,
+                finished: self.ended,
+            });
+            info.stime = self.tasks.values().filter_map(|t| t.stime).min();
+            for t in self.tasks.values() {
+                info.used.cput_ms += t.used.cput_ms;
+                info.used.mem = info.used.mem.max(t.used.mem);
+                info.used.walltime_ms = info.used.walltime_ms.max(t.used.walltime_ms);
+            }
+            if self.finished_at.is_some() {
+                info.state = JobState::Finished;
+                // PBS Pro: 0 when every task succeeded, 1 when one failed, 2 when one never ran.
+                let all = self.tasks.values().chain(self.rest_ended.as_ref());
+                let statuses: Vec<i32> = all.filter_map(|t| t.exit_status).collect();
+                info.exit_status = Some(if statuses.iter().any(|&s| s < 0 || s == EXIT_CANCELLED) {
+                    2
+                } else if statuses.iter().any(|&s| s != 0) {
+                    1
+                } else {
+                    0
+                });
+                info.comment = self.rest_ended.as_ref().and_then(|t| t.comment.clone());
+            } else if self.running > 0 || self.ended > 0 {
+                info.state = JobState::Begun;
+            }
+        } else if let Some(t) = self.tasks.get(&None) {
+            self.fill_task(&mut info, t, node_name);
+        }
+        info
+    }
+
+    /// What `qstat -t` shows of array task `i`.
+    pub(crate) fn task_info(
+        &self,
+        i: u32,
+        server: &str,
+        core: &Core,
+        node_name: &dyn Fn(NodeId) -> String,
+    ) -> JobInfo {
+        let mut info = self.info(server, core, node_name);
+        info.id = format!("{}[{i}].{server}", self.seq);
+        info.task.index = Some(i);
+        info.is_array = false;
+        info.array_counts = None;
+        info.exit_status = None;
+        info.comment = None;
+        info.stime = None;
+        info.end_time = None;
+        info.used = ResourcesUsed::default();
+        (info.stdout_path, info.stderr_path) = self.output_paths(Some(i));
+        info.state = match core.phase(self.seq) {
+            Phase::Held | Phase::WaitingDependencies => JobState::Held,
+            _ => JobState::Queued,
+        };
+        if let Some(t) = self.task_record(i, core) {
+            self.fill_task(&mut info, t, node_name);
+        }
+        info
+    }
+
+    fn fill_task(&self, info: &mut JobInfo, t: &TaskRecord, node_name: &dyn Fn(NodeId) -> String) {
+        info.state = if t.is_finished() { JobState::Finished } else { JobState::Running };
+        info.exit_status = t.exit_status;
+        info.comment = t.comment.clone();
+        info.stime = t.stime;
+        info.end_time = t.end_time;
+        info.used = t.used;
+        info.cpus = t.cpus.clone();
+        info.exec_host = t.node.map(|n| format!("{}/{}*{}", node_name(n), t.cpus.first().copied().unwrap_or(0), t.cpus.len()));
+    }
+}
