@@ -1,0 +1,948 @@
+//! The agent side of the protocol: connect to the server, start the tasks it
+//! places on this node, report their ends, and enforce walltime and kills.
+//!
+//! [`run`] proceeds in steps:
+//!
+//! 1. discover the topology and block SIGTERM and SIGINT in the calling thread,
+//!    before any other thread exists, so that every agent thread inherits the
+//!    mask and the signals wait for the signal thread (the launcher unblocks
+//!    them again in each job);
+//! 2. connect, send [`Hello`] with the node's [`NodeInfo`], and read the
+//!    server's [`ToAgent::Welcome`] (or its [`ServerReply::Error`]);
+//! 3. start three threads that turn outside happenings into events on one
+//!    channel: the *reader* decodes [`ToAgent`] frames, the *reaper* reaps
+//!    children with their resource usage, the *signal* thread `sigwait`s;
+//! 4. run the main loop, which alone owns all state (job definitions, running
+//!    tasks, timers): it waits for an event or the next timer, drains every
+//!    event already queued, and then writes at most one `Started` and one
+//!    `Finished` frame, so that under load many task ends share a frame;
+//! 5. on [`ToAgent::Shutdown`], a lost connection or a signal, terminate every
+//!    task's process group (SIGTERM, then SIGKILL after the grace period), reap
+//!    them, stop the threads, remove the spool files, and return.
+//!
+//! # Reaping
+//!
+//! The reaper waits for *any* child, so the agent must be the only code in its
+//! process that starts and waits for children. It must also never reap a child
+//! that [`std::process::Command::spawn`] is still busy with: when exec fails,
+//! std reaps the failed child itself and panics if it is already gone. So the
+//! reaper first sleeps in `waitid(P_ALL, WEXITED | WNOWAIT)`, which reaps
+//! nothing, and then reaps with `wait4(-1, WNOHANG)` while holding the *spawn
+//! lock*, which the main loop holds around every spawn. When there is no child
+//! at all (`ECHILD`) the reaper blocks on a channel of "spawned" notices; a
+//! notice sent before it got there is still queued, so no child is missed.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::unistd::Pid;
+use picloud_proto::frame::{decode, encode};
+use picloud_proto::{
+    AgentMsg, FrameError, FrameReader, Hello, JobDefinition, NodeInfo, ResourcesUsed, Role, ServerAddr,
+    ServerReply, StartTask, TaskEnd, TaskId, ToAgent, write_frame,
+};
+use tracing::{debug, info, warn};
+
+use crate::launcher::{LaunchError, Launcher, SETUP_FAILED, pbs_exit_status};
+use crate::topology::{self, TopologyError};
+
+/// How long the server has to answer the agent's hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a write to the server may block before the server counts as lost.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long, past the kill grace period, shutdown waits for killed tasks to be
+/// reaped before giving up on them (a process in uninterruptible sleep).
+const SHUTDOWN_REAP_WAIT: Duration = Duration::from_secs(5);
+
+/// Most events handled before the main loop writes its frames.
+const MAX_BATCH: usize = 4096;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the server listens.
+    pub server: ServerAddr,
+    /// Directory for job scripts and node files (created if missing).
+    pub spool_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL when a task is killed.
+    pub kill_grace: Duration,
+    /// Node name to announce instead of the host name.
+    pub hostname: Option<String>,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The node's topology could not be discovered.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The spool directory could not be created.
+    #[error(transparent)]
+    Spool(LaunchError),
+    /// SIGTERM and SIGINT could not be blocked.
+    #[error("cannot block SIGTERM and SIGINT: {0}")]
+    Signals(Errno),
+    /// The server could not be reached.
+    #[error("cannot connect to the picloud server at {addr}: {error}")]
+    Connect {
+        /// Where we tried.
+        addr: ServerAddr,
+        /// The cause.
+        error: io::Error,
+    },
+    /// The handshake broke down.
+    #[error("handshake with the picloud server at {addr} failed: {reason}")]
+    Handshake {
+        /// The server.
+        addr: ServerAddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The server answered the hello with an error.
+    #[error("server refused the agent: {0}")]
+    Refused(String),
+    /// A helper thread could not be started.
+    #[error("cannot start the agent's {name} thread: {error}")]
+    Thread {
+        /// Which thread.
+        name: &'static str,
+        /// The cause.
+        error: io::Error,
+    },
+}
+
+/// Discovers this node's topology and serves the server until shutdown.
+pub fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let node = topology::discover()?;
+    run_with_node(config, node)
+}
+
+/// Serves the server as a node described by `node` (e.g. loaded with
+/// [`topology::from_xml_file`]) until shutdown. `config.hostname`, when set,
+/// replaces `node.hostname`.
+///
+/// Call it before the process starts other threads, or block SIGTERM and
+/// SIGINT in them: the agent receives these signals with `sigwait`.
+pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), AgentError> {
+    if let Some(name) = &config.hostname {
+        node.hostname = name.clone();
+    }
+    // Step 1. Restored when the agent returns.
+    let _mask = BlockedSignals::block()?;
+    let launcher = Launcher::new(&config.spool_dir, &node.hostname).map_err(AgentError::Spool)?;
+
+    // Step 2.
+    let addr = &config.server;
+    let connect_err = |error| AgentError::Connect { addr: addr.clone(), error };
+    let mut conn = Conn::connect(addr).map_err(connect_err)?;
+    conn.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(connect_err)?;
+    let (server_name, frames) = handshake(&mut conn, &node, addr)?;
+    info!(server = %server_name, %addr, node = %node.hostname, cores = node.cores.len(), "agent connected");
+
+    // Step 3.
+    let thread_err = |name| move |error| AgentError::Thread { name, error };
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let reader_conn = conn.try_clone().map_err(connect_err)?;
+    let tx = events_tx.clone();
+    let reader = std::thread::Builder::new()
+        .name("agent-reader".into())
+        .spawn(move || read_loop(reader_conn, frames, tx))
+        .map_err(thread_err("reader"));
+    let (spawned_tx, spawned_rx) = crossbeam_channel::unbounded();
+    let spawn_lock = Arc::new(Mutex::new(()));
+    let (lock, tx) = (spawn_lock.clone(), events_tx.clone());
+    let reaper = std::thread::Builder::new()
+        .name("agent-reaper".into())
+        .spawn(move || reap_loop(&lock, &spawned_rx, &tx))
+        .map_err(thread_err("reaper"));
+    let signals = SignalThread::start(events_tx);
+    let (reader, reaper, signals) = match (reader, reaper, signals) {
+        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+        (a, b, c) => {
+            // Unblocks the reader; the reaper ends with its channel.
+            conn.shutdown();
+            let first_err = [a.err(), b.err(), c.err()].into_iter().flatten().next();
+            return Err(first_err.expect("one thread failed to start"));
+        }
+    };
+
+    // Step 4.
+    let writer = BufWriter::with_capacity(64 * 1024, conn);
+    let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx);
+    agent.run(&events_rx);
+
+    // Step 5.
+    let reaped_all = agent.tasks.is_empty();
+    agent.launcher.cleanup();
+    // Shutting down any handle of the socket wakes the reader.
+    agent.writer.get_ref().shutdown();
+    drop(agent);
+    signals.stop();
+    if reader.join().is_err() {
+        warn!("the reader thread panicked");
+    }
+    if reaped_all {
+        // Without children and with its notice channel closed, it returns.
+        if reaper.join().is_err() {
+            warn!("the reaper thread panicked");
+        }
+    } else {
+        warn!("leaving the reaper thread behind: some tasks could not be reaped");
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Connection
+
+/// The stream to the server.
+#[derive(Debug)]
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn connect(addr: &ServerAddr) -> io::Result<Self> {
+        Ok(match addr {
+            ServerAddr::Unix(path) => Conn::Unix(UnixStream::connect(path)?),
+            ServerAddr::Tcp(hostport) => {
+                let s = TcpStream::connect(hostport)?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+        })
+    }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(timeout),
+            Conn::Tcp(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(timeout),
+            Conn::Tcp(s) => s.set_write_timeout(timeout),
+        }
+    }
+
+    /// Shuts both directions down, waking a thread blocked reading.
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// Sends the hello and reads the server's answer. Returns the server's name and
+/// the frame reader, which may already hold the frames that followed.
+fn handshake(
+    conn: &mut Conn,
+    node: &NodeInfo,
+    addr: &ServerAddr,
+) -> Result<(String, FrameReader), AgentError> {
+    let fail = |reason: String| AgentError::Handshake { addr: addr.clone(), reason };
+    write_frame(conn, &Hello::new(Role::Agent(node.clone()))).map_err(|e| fail(e.to_string()))?;
+    conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| fail(e.to_string()))?;
+    let mut frames = FrameReader::new();
+    let mut buf = [0u8; 16 * 1024];
+    let payload = loop {
+        if let Some(p) = frames.next_payload().map_err(|e| fail(e.to_string()))? {
+            break p.to_vec();
+        }
+        match conn.read(&mut buf) {
+            Ok(0) => return Err(fail("the server closed the connection".into())),
+            Ok(n) => frames.push(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(fail(format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs())));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    };
+    conn.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+
+    // A refusal is a ServerReply, whose bytes might also decode as some
+    // ToAgent: accept a Welcome only if it re-encodes to exactly these bytes.
+    if let Ok(msg) = decode::<ToAgent>(&payload) {
+        if let (true, ToAgent::Welcome { server_name }) = (encode(&msg)[4..] == payload[..], msg) {
+            return Ok((server_name, frames));
+        }
+    }
+    match decode::<ServerReply>(&payload) {
+        Ok(ServerReply::Error(e)) => Err(AgentError::Refused(e.message)),
+        Ok(other) => Err(fail(format!("unexpected answer to the hello: {other:?}"))),
+        Err(e) => Err(fail(format!("unexpected answer to the hello: {e}"))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helper threads
+
+/// What the helper threads tell the main loop.
+#[derive(Debug)]
+enum Event {
+    /// A message from the server.
+    Server(ToAgent),
+    /// The connection ended: cleanly (`None`) or with an error.
+    ServerGone(Option<String>),
+    /// A child was reaped.
+    Exited(Exit),
+    /// SIGTERM or SIGINT arrived.
+    Signal(Signal),
+    /// A helper thread panicked.
+    ThreadDied(&'static str),
+}
+
+/// A reaped child.
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    pid: i32,
+    /// Raw wait status.
+    status: i32,
+    /// User plus system CPU time, in milliseconds.
+    cput_ms: u64,
+    /// Peak resident set size, in bytes.
+    maxrss: u64,
+}
+
+/// Tells the main loop when the thread holding it unwinds from a panic.
+struct PanicNotice<'a> {
+    name: &'static str,
+    events: &'a Sender<Event>,
+}
+
+impl Drop for PanicNotice<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.events.send(Event::ThreadDied(self.name));
+        }
+    }
+}
+
+/// The reader thread: decodes frames until the connection ends.
+fn read_loop(mut conn: Conn, mut frames: FrameReader, events: Sender<Event>) {
+    let _notice = PanicNotice { name: "reader", events: &events };
+    let mut buf = vec![0u8; 64 * 1024];
+    let gone = |reason: Option<String>| {
+        let _ = events.send(Event::ServerGone(reason));
+    };
+    loop {
+        loop {
+            match frames.next_payload() {
+                Ok(Some(payload)) => match decode::<ToAgent>(payload) {
+                    Ok(msg) => {
+                        if events.send(Event::Server(msg)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => return gone(Some(format!("undecodable message from the server: {e}"))),
+                },
+                Ok(None) => break,
+                Err(e) => return gone(Some(e.to_string())),
+            }
+        }
+        match conn.read(&mut buf) {
+            Ok(0) if frames.has_partial() => return gone(Some(FrameError::Truncated.to_string())),
+            Ok(0) => return gone(None),
+            Ok(n) => frames.push(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return gone(Some(e.to_string())),
+        }
+    }
+}
+
+/// The reaper thread (see the module documentation).
+fn reap_loop(spawn_lock: &Mutex<()>, spawned: &Receiver<()>, events: &Sender<Event>) {
+    let _notice = PanicNotice { name: "reaper", events };
+    loop {
+        // 1. Sleep until some child has exited, without reaping it.
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => {
+                // 2. No child: wait until one is spawned, or the agent stops.
+                if spawned.recv().is_err() {
+                    return;
+                }
+                while spawned.try_recv().is_ok() {}
+                continue;
+            }
+            Err(e) => {
+                warn!("waitid failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        // 3. Reap every exited child, never while a spawn is in progress.
+        let _guard = spawn_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match wait_any_nohang() {
+                Ok(Some(exit)) => {
+                    if events.send(Event::Exited(exit)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) | Err(Errno::ECHILD) => break,
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    warn!("wait4 failed: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `wait4(-1, WNOHANG)`: an exited child with its resource usage, if any.
+fn wait_any_nohang() -> Result<Option<Exit>, Errno> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is a plain C struct of integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers refer to live, writable locals of the types wait4 expects.
+    let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
+    match pid {
+        -1 => Err(Errno::last()),
+        0 => Ok(None),
+        pid => {
+            let ms = |t: libc::timeval| t.tv_sec as u64 * 1000 + t.tv_usec as u64 / 1000;
+            Ok(Some(Exit {
+                pid,
+                status,
+                cput_ms: ms(usage.ru_utime) + ms(usage.ru_stime),
+                maxrss: usage.ru_maxrss as u64 * 1024,
+            }))
+        }
+    }
+}
+
+/// SIGTERM and SIGINT blocked in the calling thread; the old mask comes back on drop.
+struct BlockedSignals {
+    old: SigSet,
+}
+
+impl BlockedSignals {
+    fn signals() -> SigSet {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set
+    }
+
+    fn block() -> Result<Self, AgentError> {
+        let old = Self::signals().thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(AgentError::Signals)?;
+        Ok(Self { old })
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        if let Err(e) = self.old.thread_set_mask() {
+            warn!("cannot restore the signal mask: {e}");
+        }
+    }
+}
+
+/// The thread that receives SIGTERM and SIGINT with `sigwait`.
+struct SignalThread {
+    handle: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SignalThread {
+    fn start(events: Sender<Event>) -> Result<Self, AgentError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("agent-signals".into())
+            .spawn(move || {
+                let _notice = PanicNotice { name: "signal", events: &events };
+                let set = BlockedSignals::signals();
+                loop {
+                    let Ok(sig) = set.wait() else { return };
+                    // Acquire: pairs with the Release store in `stop`, made before
+                    // the signal that woke us.
+                    if stopping.load(Ordering::Acquire) || events.send(Event::Signal(sig)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|error| AgentError::Thread { name: "signal", error })?;
+        Ok(Self { handle, stop })
+    }
+
+    /// Wakes the thread with a SIGTERM aimed at it alone, and joins it.
+    fn stop(self) {
+        // Release: pairs with the Acquire load after sigwait returns.
+        self.stop.store(true, Ordering::Release);
+        // SAFETY: the thread has not been joined, so its pthread_t is valid; it
+        // blocks SIGTERM (inherited mask), so the signal stays pending for its sigwait.
+        let rc = unsafe { libc::pthread_kill(self.handle.as_pthread_t(), libc::SIGTERM) };
+        if rc != 0 {
+            warn!("cannot wake the signal thread: {}", Errno::from_raw(rc));
+            return;
+        }
+        if self.handle.join().is_err() {
+            warn!("the signal thread panicked");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Main loop
+
+/// A job whose tasks may run here.
+#[derive(Debug)]
+struct Job {
+    def: JobDefinition,
+    /// Its tasks running now.
+    running: usize,
+    /// The server said no more tasks will start: drop it with its last task.
+    forgotten: bool,
+}
+
+/// A running task; its pid is also its process group id.
+#[derive(Debug)]
+struct Task {
+    id: TaskId,
+    /// Distinguishes this task from a later one that reuses the pid.
+    serial: u64,
+    started: Instant,
+    walltime_limit: Option<u64>,
+    /// Why it is being killed, once it is (its end's comment).
+    killing: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The task's walltime limit is reached: terminate it.
+    Walltime,
+    /// The grace period after SIGTERM is over: SIGKILL.
+    Kill,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: Instant,
+    pid: i32,
+    serial: u64,
+    kind: TimerKind,
+}
+
+/// The state the main loop owns.
+struct Agent {
+    launcher: Launcher,
+    writer: BufWriter<Conn>,
+    /// Whether frames can still be written.
+    server_up: bool,
+    kill_grace: Duration,
+    jobs: HashMap<u64, Job>,
+    /// Running tasks by pid.
+    tasks: HashMap<i32, Task>,
+    /// Pid of each running task.
+    pids: HashMap<TaskId, i32>,
+    /// Pending timers; entries of ended tasks are skipped when they come due.
+    timers: BinaryHeap<Reverse<Timer>>,
+    next_serial: u64,
+    /// Tasks started since the last frame.
+    started: Vec<TaskId>,
+    /// Tasks ended since the last frame.
+    finished: Vec<TaskEnd>,
+    spawn_lock: Arc<Mutex<()>>,
+    /// "A child was spawned" notices for the reaper.
+    spawned: Sender<()>,
+    /// Once shutting down: when to stop waiting for tasks to die.
+    shutdown_deadline: Option<Instant>,
+}
+
+impl Agent {
+    fn new(
+        launcher: Launcher,
+        writer: BufWriter<Conn>,
+        kill_grace: Duration,
+        spawn_lock: Arc<Mutex<()>>,
+        spawned: Sender<()>,
+    ) -> Self {
+        Self {
+            launcher,
+            writer,
+            server_up: true,
+            kill_grace,
+            jobs: HashMap::new(),
+            tasks: HashMap::new(),
+            pids: HashMap::new(),
+            timers: BinaryHeap::new(),
+            next_serial: 0,
+            started: Vec::new(),
+            finished: Vec::new(),
+            spawn_lock,
+            spawned,
+            shutdown_deadline: None,
+        }
+    }
+
+    /// Handles events and timers until shutdown is complete.
+    fn run(&mut self, events: &Receiver<Event>) {
+        loop {
+            let deadline = self.timers.peek().map(|t| t.0.at).into_iter().chain(self.shutdown_deadline).min();
+            let first = match deadline {
+                Some(at) => events.recv_deadline(at),
+                None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match first {
+                Ok(event) => {
+                    self.handle(event);
+                    for event in events.try_iter().take(MAX_BATCH) {
+                        self.handle(event);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every helper thread is gone: no exit can be learnt any more.
+                    warn!("all event sources are gone; killing the remaining tasks");
+                    self.kill_all_now();
+                    self.flush();
+                    return;
+                }
+            }
+            self.fire_timers(Instant::now());
+            self.flush();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.tasks.is_empty() {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    warn!(tasks = self.tasks.len(), "giving up on tasks that did not die after SIGKILL");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Server(msg) => self.on_message(msg),
+            Event::Exited(exit) => self.on_exit(exit),
+            Event::ServerGone(reason) => {
+                match &reason {
+                    None => info!("the server closed the connection"),
+                    Some(e) => warn!("lost the connection to the server: {e}"),
+                }
+                self.server_up = false;
+                self.begin_shutdown("the node agent lost its server");
+            }
+            Event::Signal(sig) => {
+                if self.shutdown_deadline.is_some() {
+                    info!("{sig} again: killing every task now");
+                    self.kill_all_now();
+                } else {
+                    info!("received {sig}");
+                    self.begin_shutdown(&format!("node agent received {sig}"));
+                }
+            }
+            Event::ThreadDied(name) => {
+                warn!("the agent's {name} thread panicked");
+                self.begin_shutdown(&format!("node agent failed (its {name} thread panicked)"));
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: ToAgent) {
+        match msg {
+            ToAgent::Welcome { .. } => warn!("ignoring a second welcome from the server"),
+            ToAgent::Define(def) => match self.jobs.entry(def.seq) {
+                Entry::Occupied(mut e) => {
+                    let job = e.get_mut();
+                    job.def = *def;
+                    job.forgotten = false;
+                }
+                Entry::Vacant(e) => {
+                    e.insert(Job { def: *def, running: 0, forgotten: false });
+                }
+            },
+            ToAgent::Start(starts) => {
+                let before = self.tasks.len();
+                for start in &starts {
+                    self.start_task(start);
+                }
+                if self.tasks.len() > before {
+                    // The reaper may be waiting for a first child.
+                    let _ = self.spawned.send(());
+                }
+            }
+            ToAgent::Kill { task, reason } => match self.pids.get(&task) {
+                Some(&pid) => self.terminate(pid, reason),
+                None => debug!(?task, "kill for a task not running here"),
+            },
+            ToAgent::Forget { seq } => {
+                if let Some(job) = self.jobs.get_mut(&seq) {
+                    job.forgotten = true;
+                    if job.running == 0 {
+                        self.jobs.remove(&seq);
+                        self.launcher.forget(seq);
+                    }
+                }
+            }
+            ToAgent::Shutdown => {
+                info!("the server asked the agent to shut down");
+                self.begin_shutdown("the server is shutting down");
+            }
+        }
+    }
+
+    fn start_task(&mut self, start: &StartTask) {
+        let fail = |exit_status: i32, comment: String| TaskEnd {
+            task: start.task,
+            exit_status,
+            comment: Some(comment),
+            used: ResourcesUsed::default(),
+        };
+        if self.shutdown_deadline.is_some() {
+            self.finished.push(fail(SETUP_FAILED, "node agent is shutting down".into()));
+            return;
+        }
+        if self.pids.contains_key(&start.task) {
+            warn!(task = ?start.task, "asked to start a task that is already running");
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(&start.task.seq) else {
+            let comment = format!("the node agent has no definition of job {}", start.task.seq);
+            self.finished.push(fail(SETUP_FAILED, comment));
+            return;
+        };
+        let spawned = {
+            let _guard = self.spawn_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.launcher.spawn(&job.def, start)
+        };
+        match spawned {
+            Ok(child) => {
+                // The reaper reaps it; dropping the handle neither waits nor kills.
+                let pid = child.id() as i32;
+                drop(child);
+                let serial = self.next_serial;
+                self.next_serial += 1;
+                let now = Instant::now();
+                let walltime_limit = job.def.spec.resources.walltime;
+                // A limit too far away to be represented never comes due.
+                if let Some(at) = walltime_limit.and_then(|l| now.checked_add(Duration::from_secs(l))) {
+                    self.timers.push(Reverse(Timer { at, pid, serial, kind: TimerKind::Walltime }));
+                }
+                job.running += 1;
+                self.tasks.insert(
+                    pid,
+                    Task { id: start.task, serial, started: now, walltime_limit, killing: None },
+                );
+                self.pids.insert(start.task, pid);
+                self.started.push(start.task);
+                debug!(task = %start.job_id, pid, cpus = ?start.cpus, "task started");
+            }
+            Err(e) => {
+                debug!(task = %start.job_id, "task failed to start: {e}");
+                self.finished.push(fail(e.exit_status(), e.to_string()));
+            }
+        }
+    }
+
+    fn on_exit(&mut self, exit: Exit) {
+        let Some(task) = self.tasks.remove(&exit.pid) else {
+            debug!(pid = exit.pid, "reaped a child that is no task");
+            return;
+        };
+        self.pids.remove(&task.id);
+        // The leader is gone: take whatever it left running in its group with it.
+        let _ = killpg(Pid::from_raw(exit.pid), Signal::SIGKILL);
+        let exit_status = pbs_exit_status(exit.status);
+        debug!(task = ?task.id, pid = exit.pid, exit_status, "task ended");
+        self.finished.push(TaskEnd {
+            task: task.id,
+            exit_status,
+            comment: task.killing,
+            used: ResourcesUsed {
+                cput_ms: exit.cput_ms,
+                walltime_ms: task.started.elapsed().as_millis() as u64,
+                mem: exit.maxrss,
+            },
+        });
+        let seq = task.id.seq;
+        if let Some(job) = self.jobs.get_mut(&seq) {
+            job.running -= 1;
+            if job.forgotten && job.running == 0 {
+                self.jobs.remove(&seq);
+                self.launcher.forget(seq);
+            }
+        }
+    }
+
+    /// SIGTERM to the task's process group now, SIGKILL after the grace period.
+    fn terminate(&mut self, pid: i32, reason: String) {
+        let Some(task) = self.tasks.get_mut(&pid) else { return };
+        if task.killing.is_some() {
+            return;
+        }
+        debug!(task = ?task.id, pid, "terminating: {reason}");
+        task.killing = Some(reason);
+        let group = Pid::from_raw(pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        // A stopped job would not see the SIGTERM until continued.
+        let _ = killpg(group, Signal::SIGCONT);
+        if let Some(at) = Instant::now().checked_add(self.kill_grace) {
+            self.timers.push(Reverse(Timer { at, pid, serial: task.serial, kind: TimerKind::Kill }));
+        }
+    }
+
+    fn kill_all_now(&mut self) {
+        for &pid in self.tasks.keys() {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse(timer)) = self.timers.peek() {
+            if timer.at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(task) = self.tasks.get(&timer.pid).filter(|t| t.serial == timer.serial) else {
+                continue;
+            };
+            match timer.kind {
+                TimerKind::Walltime if task.killing.is_none() => {
+                    let used = task.started.elapsed();
+                    // Rounded up: the job ran past its limit.
+                    let used_secs = used.as_secs() + u64::from(used.subsec_nanos() > 0);
+                    let reason = format!(
+                        "job killed: walltime {} exceeded limit {}",
+                        hhmmss(used_secs),
+                        hhmmss(task.walltime_limit.unwrap_or(0))
+                    );
+                    self.terminate(timer.pid, reason);
+                }
+                TimerKind::Walltime => {}
+                TimerKind::Kill => {
+                    debug!(task = ?task.id, pid = timer.pid, "grace period over: SIGKILL");
+                    let _ = killpg(Pid::from_raw(timer.pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, why: &str) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        info!(tasks = self.tasks.len(), "shutting down: {why}");
+        let wait = self.kill_grace.saturating_add(SHUTDOWN_REAP_WAIT);
+        let now = Instant::now();
+        // An unrepresentable deadline (absurd grace): a day is as good as forever.
+        self.shutdown_deadline = Some(now.checked_add(wait).unwrap_or(now + Duration::from_secs(86_400)));
+        let pids: Vec<i32> = self.tasks.keys().copied().collect();
+        for pid in pids {
+            self.terminate(pid, format!("job killed: {why}"));
+        }
+    }
+
+    /// Writes what happened since the last call: one `Started` and one `Finished` frame at most.
+    fn flush(&mut self) {
+        if !self.server_up {
+            self.started.clear();
+            self.finished.clear();
+            return;
+        }
+        let mut result = Ok(());
+        if !self.started.is_empty() {
+            result = write_frame(&mut self.writer, &AgentMsg::Started(std::mem::take(&mut self.started)));
+        }
+        if result.is_ok() && !self.finished.is_empty() {
+            result = write_frame(&mut self.writer, &AgentMsg::Finished(std::mem::take(&mut self.finished)));
+        }
+        let result = result.and_then(|()| self.writer.flush().map_err(FrameError::Io));
+        if let Err(e) = result {
+            warn!("cannot write to the server: {e}");
+            self.server_up = false;
+            self.started.clear();
+            self.finished.clear();
+            self.begin_shutdown("the node agent lost its server");
+        }
+    }
+}
+
+/// `HH:MM:SS`, as PBS shows walltimes.
+fn hhmmss(secs: u64) -> String {
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walltime_format() {
+        assert_eq!(hhmmss(0), "00:00:00");
+        assert_eq!(hhmmss(3), "00:00:03");
+        assert_eq!(hhmmss(3661), "01:01:01");
+        assert_eq!(hhmmss(100 * 3600), "100:00:00");
+    }
+
+    #[test]
+    fn timers_come_due_in_time_order() {
+        let now = Instant::now();
+        let mut heap = BinaryHeap::new();
+        for (secs, pid) in [(3, 1), (1, 2), (2, 3)] {
+            let at = now + Duration::from_secs(secs);
+            heap.push(Reverse(Timer { at, pid, serial: 0, kind: TimerKind::Kill }));
+        }
+        let order: Vec<i32> = std::iter::from_fn(|| heap.pop().map(|t| t.0.pid)).collect();
+        assert_eq!(order, vec![2, 3, 1]);
+    }
+}

@@ -1,0 +1,286 @@
+//! Hardware discovery: turns an hwloc topology into the [`NodeInfo`] an agent
+//! announces to the server.
+//!
+//! The topology comes either from the live machine ([`discover`]) or from an
+//! hwloc XML export ([`from_xml_file`], used to test placement on machines we
+//! do not have). hwloc already drops the PUs and NUMA nodes this process may not
+//! use (its "allowed" sets, e.g. a cpuset cgroup), so what is reported here is
+//! what jobs can be pinned to:
+//!
+//! - NUMA nodes by OS index, each with the OS indices of its PUs (possibly none,
+//!   for memory-only nodes such as KNL's MCDRAM) and its local memory (0 when
+//!   hwloc has no memory information for it);
+//! - cores in hwloc's logical order, each as the OS indices of its PUs; a
+//!   topology without core objects gets one "core" per PU;
+//! - total memory, number of packages, and which limits the agent enforces.
+
+use std::path::{Path, PathBuf};
+
+use hwlocality::Topology;
+use hwlocality::object::TopologyObject;
+use hwlocality::object::attributes::ObjectAttributes;
+use hwlocality::object::types::ObjectType;
+use hwlocality::topology::builder::FileInputError;
+use picloud_proto::{NodeInfo, NumaNode};
+
+/// What the agent can enforce of a job's resource request, in words.
+pub const LIMITS: &str = "none: cgroup limits are not enforced yet";
+
+/// Why the node's topology could not be discovered.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// hwloc failed to discover the live machine.
+    #[error("cannot discover this machine's topology with hwloc: {0}")]
+    Live(String),
+    /// An XML topology file could not be read or is not a valid hwloc export.
+    #[error("cannot load the hwloc topology file {}: {reason}", path.display())]
+    XmlFile {
+        /// The file given.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The topology holds no processing unit this process may use.
+    #[error("the topology of {source_name} has no usable processing unit")]
+    NoPus {
+        /// Where the topology came from (`this machine` or a file).
+        source_name: String,
+    },
+    /// The host name could not be read.
+    #[error("cannot read the host name: {0}")]
+    Hostname(#[source] nix::Error),
+}
+
+/// Discovers the live machine's topology.
+pub fn discover() -> Result<NodeInfo, TopologyError> {
+    let topology = guard_hwloc(Topology::new)
+        .map_err(TopologyError::Live)?
+        .map_err(|e| TopologyError::Live(e.to_string()))?;
+    node_info(&topology, "this machine")
+}
+
+/// Loads a topology from an hwloc XML export (`lstopo --of xml`).
+pub fn from_xml_file(path: &Path) -> Result<NodeInfo, TopologyError> {
+    let fail = |reason: String| TopologyError::XmlFile { path: path.to_path_buf(), reason };
+    // Check readability ourselves: hwloc reports a missing file with an errno
+    // that hwlocality does not expect, and it would say less than io::Error does.
+    std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let topology = guard_hwloc(|| {
+        Topology::builder()
+            .from_xml_file(path)
+            .map_err(|e| match e {
+                FileInputError::Invalid(_) => "not a valid hwloc XML topology".to_string(),
+                other => other.to_string(),
+            })?
+            .build()
+            .map_err(|e| format!("not a valid hwloc XML topology ({e})"))
+    })
+    .map_err(&fail)?
+    .map_err(fail)?;
+    node_info(&topology, &path.display().to_string())
+}
+
+/// Runs an hwlocality call, turning a panic into an error message.
+///
+/// hwlocality treats hwloc errno values it does not expect as bugs and panics
+/// (`unreachable!` in `TopologyBuilder::from_xml_file`); a bad input file must
+/// give the operator an error, not bring the agent down.
+fn guard_hwloc<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown error");
+        format!("hwloc failed: {what}")
+    })
+}
+
+/// Builds the [`NodeInfo`] of a loaded topology.
+fn node_info(topology: &Topology, source_name: &str) -> Result<NodeInfo, TopologyError> {
+    let mut numa_nodes: Vec<NumaNode> = topology
+        .objects_with_type(ObjectType::NUMANode)
+        .map(|node| NumaNode {
+            os_index: os_index(node),
+            pus: pus_of(node),
+            memory: match node.attributes() {
+                Some(ObjectAttributes::NUMANode(attr)) => attr.local_memory().map_or(0, |m| m.get()),
+                _ => 0,
+            },
+        })
+        .collect();
+    numa_nodes.sort_by_key(|n| n.os_index);
+
+    // `objects_with_type` yields objects in logical-index order.
+    let mut cores: Vec<Vec<u32>> =
+        topology.objects_with_type(ObjectType::Core).map(pus_of).filter(|pus| !pus.is_empty()).collect();
+    if cores.is_empty() {
+        // Some platforms expose no core objects: treat each PU as a core.
+        cores = topology.objects_with_type(ObjectType::PU).map(|pu| vec![os_index(pu)]).collect();
+    }
+    if cores.is_empty() {
+        return Err(TopologyError::NoPus { source_name: source_name.to_string() });
+    }
+
+    let memory = match topology.root_object().total_memory() {
+        0 => numa_nodes.iter().map(|n| n.memory).sum(),
+        m => m,
+    };
+    let packages = topology.objects_with_type(ObjectType::Package).len() as u32;
+    Ok(NodeInfo { hostname: hostname()?, numa_nodes, cores, memory, packages, limits: LIMITS.to_string() })
+}
+
+/// OS indices of the PUs in an object's cpuset (cpusets are indexed by OS index).
+fn pus_of(obj: &TopologyObject) -> Vec<u32> {
+    obj.cpuset().map_or_else(Vec::new, |set| set.iter_set().map(|i| usize::from(i) as u32).collect())
+}
+
+/// An object's OS index, or its logical index when hwloc does not know it.
+fn os_index(obj: &TopologyObject) -> u32 {
+    obj.os_index().unwrap_or(obj.logical_index()) as u32
+}
+
+/// This machine's host name.
+pub(crate) fn hostname() -> Result<String, TopologyError> {
+    let name = nix::unistd::gethostname().map_err(TopologyError::Hostname)?;
+    Ok(name.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPOLOGIES: &str = "/work/shared/topologies";
+
+    fn load(name: &str) -> Option<NodeInfo> {
+        let path = Path::new(TOPOLOGIES).join(name);
+        if !path.exists() {
+            eprintln!("skipping: {} is not present", path.display());
+            return None;
+        }
+        Some(from_xml_file(&path).unwrap())
+    }
+
+    /// Checks the invariants every NodeInfo must hold.
+    fn check_consistent(info: &NodeInfo) {
+        let mut pus: Vec<u32> = info.pus().collect();
+        let n = pus.len();
+        pus.sort_unstable();
+        pus.dedup();
+        assert_eq!(pus.len(), n, "a PU belongs to two cores");
+        // A PU may lack an allowed NUMA node (its memory is outside our
+        // cpuset), but a NUMA node never names a PU that is not a core's.
+        for node in &info.numa_nodes {
+            assert!(node.pus.iter().all(|p| pus.contains(p)), "{node:?} names an unknown PU");
+        }
+        assert!(info.cores.iter().all(|c| !c.is_empty()));
+        assert!(!info.hostname.is_empty());
+        assert_eq!(info.limits, LIMITS);
+    }
+
+    #[test]
+    fn two_socket_xeon() {
+        let Some(info) = load("32em64t-2n8c2t-pci-normalio.xml") else { return };
+        check_consistent(&info);
+        assert_eq!(info.numa_nodes.len(), 2);
+        assert_eq!(info.cores.len(), 16);
+        assert_eq!(info.pus().count(), 32);
+        assert_eq!(info.packages, 2);
+        assert!(info.cores.iter().all(|c| c.len() == 2));
+        let mut numa_pus: Vec<u32> = info.numa_nodes.iter().flat_map(|n| n.pus.clone()).collect();
+        numa_pus.sort_unstable();
+        assert_eq!(numa_pus, (0..32).collect::<Vec<_>>());
+        assert!(info.numa_nodes.iter().all(|n| n.memory > 0));
+        assert_eq!(info.memory, info.numa_nodes.iter().map(|n| n.memory).sum::<u64>());
+    }
+
+    #[test]
+    fn large_smp() {
+        let Some(info) = load("192em64t-24n8c2t.xml") else { return };
+        check_consistent(&info);
+        assert_eq!(info.numa_nodes.len(), 24);
+        assert_eq!(info.cores.len(), 192);
+        assert_eq!(info.pus().count(), 384);
+        assert_eq!(info.packages, 24);
+        let os: Vec<u32> = info.numa_nodes.iter().map(|n| n.os_index).collect();
+        assert_eq!(os, (0..24).collect::<Vec<_>>());
+        assert!(info.numa_nodes.iter().all(|n| n.pus.len() == 16));
+    }
+
+    #[test]
+    fn disallowed_pus_and_cpuless_numa_nodes() {
+        let Some(info) = load("16amd64-8n2c-cpusets.xml") else { return };
+        check_consistent(&info);
+        // allowed_cpuset 0xf06f: PUs 0-3, 5, 6, 12-15; allowed_nodeset 0x3e: nodes 1-5.
+        let mut pus: Vec<u32> = info.pus().collect();
+        pus.sort_unstable();
+        assert_eq!(pus, vec![0, 1, 2, 3, 5, 6, 12, 13, 14, 15]);
+        assert_eq!(info.cores.len(), 10);
+        let os: Vec<u32> = info.numa_nodes.iter().map(|n| n.os_index).collect();
+        assert_eq!(os, vec![1, 2, 3, 4, 5]);
+        // PUs 0-1 and 12-15 are allowed but their NUMA nodes (0, 6, 7) are not.
+        let numa_pus: Vec<u32> = info.numa_nodes.iter().flat_map(|n| n.pus.clone()).collect();
+        assert_eq!(numa_pus, vec![2, 3, 5, 6]);
+        for cpuless in [4, 5] {
+            let node = info.numa_nodes.iter().find(|n| n.os_index == cpuless).unwrap();
+            assert!(node.pus.is_empty(), "node {cpuless} has no PU");
+        }
+    }
+
+    #[test]
+    fn memory_only_numa_nodes() {
+        let Some(info) = load("64intel64-fakeKNL-SNC4-hybrid.xml") else { return };
+        check_consistent(&info);
+        assert_eq!(info.numa_nodes.len(), 8);
+        assert_eq!(info.cores.len(), 16);
+        assert_eq!(info.pus().count(), 64);
+    }
+
+    #[test]
+    fn every_shipped_topology_loads() {
+        let Ok(dir) = std::fs::read_dir(TOPOLOGIES) else { return };
+        for entry in dir {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "xml") {
+                let info = from_xml_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                check_consistent(&info);
+            }
+        }
+    }
+
+    #[test]
+    fn live_machine() {
+        let info = discover().unwrap();
+        check_consistent(&info);
+        assert!(info.memory > 0);
+        assert!(info.packages >= 1);
+        // Every CPU this process may run on is a PU hwloc reports.
+        let affinity = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        let pus: Vec<u32> = info.pus().collect();
+        for cpu in 0..nix::sched::CpuSet::count() {
+            if affinity.is_set(cpu).unwrap() {
+                assert!(pus.contains(&(cpu as u32)), "CPU {cpu} is missing from {pus:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_xml_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broken.xml");
+        std::fs::write(&path, "<?xml version=\"1.0\"?>\n<topology version=\"2.0\"><object type=").unwrap();
+        let err = from_xml_file(&path).unwrap_err();
+        assert!(matches!(err, TopologyError::XmlFile { .. }));
+        assert!(err.to_string().contains("broken.xml"), "{err}");
+
+        let path = dir.path().join("not-xml.xml");
+        std::fs::write(&path, "this is not xml at all").unwrap();
+        let err = from_xml_file(&path).unwrap_err();
+        assert!(err.to_string().contains("not-xml.xml"), "{err}");
+
+        let missing = dir.path().join("missing.xml");
+        let err = from_xml_file(&missing).unwrap_err();
+        assert!(err.to_string().contains("missing.xml"), "{err}");
+        assert!(err.to_string().contains("No such file"), "{err}");
+    }
+}
