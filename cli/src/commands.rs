@@ -183,13 +183,6 @@ fn parse_refs(prog: &str, ids: &[String]) -> Result<Vec<(String, JobRef)>, ()> {
     if bad { Err(()) } else { Ok(refs) }
 }
 
-fn typed<'a>(asked: &'a [(String, JobRef)], r: &JobRef) -> std::borrow::Cow<'a, str> {
-    match asked.iter().find(|(_, x)| x == r) {
-        Some((t, _)) => t.as_str().into(),
-        None => r.to_string().into(),
-    }
-}
-
 /// `picloud stat`.
 pub(crate) fn stat(a: StatArgs) -> ExitCode {
     const PROG: &str = "picloud stat";
@@ -210,7 +203,7 @@ pub(crate) fn stat(a: StatArgs) -> ExitCode {
     };
     pbs::emit(&if a.json { to_json(&jobs) } else { format_stat(&jobs) });
     for r in &unknown {
-        eprintln!("{PROG}: unknown job id {}", typed(&asked, r));
+        eprintln!("{PROG}: unknown job id {}", refs::as_typed(&asked, r));
     }
     if unknown.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_UNKNOWN_JOB) }
 }
@@ -258,7 +251,7 @@ pub(crate) fn wait(a: WaitArgs) -> ExitCode {
         Ok(ServerReply::Jobs { jobs, unknown }) => {
             pbs::emit(&format_wait(&jobs));
             for r in &unknown {
-                eprintln!("{PROG}: unknown job id {}", typed(&asked, r));
+                eprintln!("{PROG}: unknown job id {}", refs::as_typed(&asked, r));
             }
             ExitCode::from(wait_status(&jobs, unknown.len()))
         }

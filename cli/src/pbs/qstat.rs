@@ -786,9 +786,7 @@ pub(crate) fn run(args: Vec<OsString>) -> ExitCode {
     };
     super::emit(&text);
     for r in &unknown {
-        let typed =
-            targets.ids.iter().find(|(_, x)| x == r).map_or_else(|| r.to_string(), |(t, _)| t.clone());
-        eprintln!("{PROG}: Unknown Job Id {typed}");
+        eprintln!("{PROG}: Unknown Job Id {}", super::refs::as_typed(&targets.ids, r));
         exit = EXIT_UNKNOWN_JOB;
     }
     ExitCode::from(exit)

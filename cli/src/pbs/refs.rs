@@ -76,6 +76,11 @@ pub(crate) fn parse_ids(ids: &[String], report: &mut Report) -> Vec<(String, Job
     good
 }
 
+/// The text the user typed for `r` (the first match), else `r` written out.
+pub(crate) fn as_typed(asked: &[(String, JobRef)], r: &JobRef) -> String {
+    asked.iter().find(|(_, sent)| sent == r).map_or_else(|| r.to_string(), |(text, _)| text.clone())
+}
+
 /// Adds the server's outcomes to `report`. `asked` are the ids as typed, in the
 /// order sent; the server answers one entry per id, in that order.
 pub(crate) fn add_outcomes(
@@ -87,7 +92,7 @@ pub(crate) fn add_outcomes(
     for (k, (r, outcome)) in outcomes.iter().enumerate() {
         let typed = match asked.get(k) {
             Some((text, sent)) if sent == r => text.clone(),
-            _ => asked.iter().find(|(_, sent)| sent == r).map_or_else(|| r.to_string(), |(t, _)| t.clone()),
+            _ => as_typed(asked, r),
         };
         match (outcome, action) {
             (RefOutcome::Done | RefOutcome::AlreadyFinished, _) => {}
