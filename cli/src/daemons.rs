@@ -130,11 +130,16 @@ fn spawn_child(args: &[&str], dir: &Path) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the picloud executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(args).arg("--dir").arg(dir).process_group(0);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is a single system call, safe between
-    // fork and exec; the closure allocates nothing and takes no lock.
+    // Built before the fork: the child may not allocate.
+    let no_signals = SigSet::empty();
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and pthread_sigmask are single system
+    // calls, safe between fork and exec; the closure allocates nothing and takes
+    // no lock. The mask is cleared because `up` blocks the signals it waits for,
+    // and a blocked mask survives exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            no_signals.thread_set_mask().map_err(std::io::Error::from)?;
             Ok(())
         });
     }
@@ -209,7 +214,9 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     let nodes_up = || -> Option<(String, usize)> {
         let mut c = Client::connect(&addr).ok()?;
         match c.request(&ClientRequest::Nodes).ok()? {
-            ServerReply::Nodes(n) => n.iter().find(|n| n.state == "up").map(|n| (n.name.clone(), n.info.cores.len())),
+            ServerReply::Nodes(n) => {
+                n.iter().find(|n| n.state == "up").map(|n| (n.name.clone(), n.info.cores.len()))
+            }
             _ => None,
         }
     };

@@ -3,15 +3,14 @@
 //!
 //! [`run`] proceeds in steps:
 //!
-//! 1. discover the topology and block SIGTERM and SIGINT in the calling thread,
-//!    before any other thread exists, so that every agent thread inherits the
-//!    mask and the signals wait for the signal thread (the launcher unblocks
-//!    them again in each job);
+//! 1. discover the topology and clear the calling thread's signal mask, which
+//!    the agent's threads and, through them, its jobs inherit;
 //! 2. connect, send [`Hello`] with the node's [`NodeInfo`], and read the
 //!    server's [`ToAgent::Welcome`] (or its [`ServerReply::Error`]);
 //! 3. start three threads that turn outside happenings into events on one
 //!    channel: the *reader* decodes [`ToAgent`] frames, the *reaper* reaps
-//!    children with their resource usage, the *signal* thread `sigwait`s;
+//!    children with their resource usage, the *signal* thread
+//!    relays SIGTERM and SIGINT caught by a handler;
 //! 4. run the main loop, which alone owns all state (job definitions, running
 //!    tasks, timers): it waits for an event or the next timer, drains every
 //!    event already queued, and then writes at most one `Started` and one
@@ -38,16 +37,15 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg};
+use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 use picloud_proto::frame::{decode, encode};
@@ -137,14 +135,14 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
 /// [`topology::from_xml_file`]) until shutdown. `config.hostname`, when set,
 /// replaces `node.hostname`.
 ///
-/// Call it before the process starts other threads, or block SIGTERM and
-/// SIGINT in them: the agent receives these signals with `sigwait`.
+/// The agent catches SIGTERM and SIGINT for the whole process while it runs,
+/// and clears the calling thread's signal mask so its jobs start with none.
 pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), AgentError> {
     if let Some(name) = &config.hostname {
         node.hostname = name.clone();
     }
-    // Step 1. Restored when the agent returns.
-    let _mask = BlockedSignals::block()?;
+    // Step 1.
+    clear_signal_mask()?;
     let launcher = Launcher::new(&config.spool_dir, &node.hostname).map_err(AgentError::Spool)?;
 
     // Step 2.
@@ -467,72 +465,46 @@ fn wait_any_nohang() -> Result<Option<Exit>, Errno> {
     }
 }
 
-/// SIGTERM and SIGINT blocked in the calling thread; the old mask comes back on drop.
-struct BlockedSignals {
-    old: SigSet,
+/// Gives the calling thread (and the threads and jobs it starts) an empty
+/// signal mask. A mask inherited from whoever started the agent would
+/// otherwise pass on to every job, since neither fork nor exec resets it.
+fn clear_signal_mask() -> Result<(), AgentError> {
+    SigSet::empty().thread_set_mask().map_err(AgentError::Signals)
 }
 
-impl BlockedSignals {
-    fn signals() -> SigSet {
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGTERM);
-        set.add(Signal::SIGINT);
-        set
-    }
-
-    fn block() -> Result<Self, AgentError> {
-        let old = Self::signals().thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(AgentError::Signals)?;
-        Ok(Self { old })
-    }
-}
-
-impl Drop for BlockedSignals {
-    fn drop(&mut self) {
-        if let Err(e) = self.old.thread_set_mask() {
-            warn!("cannot restore the signal mask: {e}");
-        }
-    }
-}
-
-/// The thread that receives SIGTERM and SIGINT with `sigwait`.
+/// The thread that turns SIGTERM and SIGINT into events.
+///
+/// The signals are caught by a handler (signal-hook's self-pipe), not blocked:
+/// a blocked mask would be inherited by every job, whereas a caught signal goes
+/// back to its default action in a child at exec.
 struct SignalThread {
     handle: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
+    control: signal_hook::iterator::Handle,
 }
 
 impl SignalThread {
     fn start(events: Sender<Event>) -> Result<Self, AgentError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+            .map_err(|error| AgentError::Thread { name: "signal", error })?;
+        let control = signals.handle();
         let handle = std::thread::Builder::new()
             .name("agent-signals".into())
             .spawn(move || {
                 let _notice = PanicNotice { name: "signal", events: &events };
-                let set = BlockedSignals::signals();
-                loop {
-                    let Ok(sig) = set.wait() else { return };
-                    // Acquire: pairs with the Release store in `stop`, made before
-                    // the signal that woke us.
-                    if stopping.load(Ordering::Acquire) || events.send(Event::Signal(sig)).is_err() {
+                for raw in signals.forever() {
+                    let Ok(sig) = Signal::try_from(raw) else { continue };
+                    if events.send(Event::Signal(sig)).is_err() {
                         return;
                     }
                 }
             })
             .map_err(|error| AgentError::Thread { name: "signal", error })?;
-        Ok(Self { handle, stop })
+        Ok(Self { handle, control })
     }
 
-    /// Wakes the thread with a SIGTERM aimed at it alone, and joins it.
+    /// Unregisters the handlers and joins the thread.
     fn stop(self) {
-        // Release: pairs with the Acquire load after sigwait returns.
-        self.stop.store(true, Ordering::Release);
-        // SAFETY: the thread has not been joined, so its pthread_t is valid; it
-        // blocks SIGTERM (inherited mask), so the signal stays pending for its sigwait.
-        let rc = unsafe { libc::pthread_kill(self.handle.as_pthread_t(), libc::SIGTERM) };
-        if rc != 0 {
-            warn!("cannot wake the signal thread: {}", Errno::from_raw(rc));
-            return;
-        }
+        self.control.close();
         if self.handle.join().is_err() {
             warn!("the signal thread panicked");
         }

@@ -288,6 +288,32 @@ fn runs_tasks_and_reports_their_ends() {
 }
 
 #[test]
+fn jobs_start_with_an_empty_signal_mask() {
+    let _one = serial();
+    // The agent thread inherits this thread's mask, as an agent inherits the
+    // mask of whatever started it; its jobs must not.
+    let mut blocked = nix::sys::signal::SigSet::empty();
+    use nix::sys::signal::Signal;
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        blocked.add(sig);
+    }
+    let old = blocked.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK).unwrap();
+    let mut h = Harness::new(Duration::from_millis(500));
+    old.thread_set_mask().unwrap();
+    let workdir = h.dir.path().to_path_buf();
+    let argv = ["grep", "^SigBlk", "/proc/self/status"].iter().map(|a| a.to_string()).collect();
+    h.define(job(1, JobCommand::Argv(argv), &workdir));
+    let t = task(1, None, &h);
+    h.send(&ToAgent::Start(vec![t.clone()]));
+    h.wait_finished(&[t.task]);
+    assert_eq!(h.finished[&t.task].exit_status, 0);
+    let out = std::fs::read_to_string(h.path("1.out")).unwrap();
+    assert_eq!(out.split_whitespace().last(), Some("0000000000000000"), "{out}");
+    drop(h.conn);
+    h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
+}
+
+#[test]
 fn many_ends_share_frames() {
     let _one = serial();
     let mut h = Harness::new(Duration::from_millis(500));

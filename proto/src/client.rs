@@ -25,8 +25,8 @@ impl ServerAddr {
         if p.is_dir() {
             return ServerAddr::Unix(p.join(crate::SOCKET_NAME));
         }
-        let looks_tcp = !s.contains('/')
-            && s.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+        let looks_tcp =
+            !s.contains('/') && s.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok());
         if looks_tcp { ServerAddr::Tcp(s.to_string()) } else { ServerAddr::Unix(p.to_path_buf()) }
     }
 

@@ -120,7 +120,8 @@ fn output_files_follow_pbs_names_and_join() {
     for id in [&plain, &named, &into_dir] {
         c.wait_finished(id, LONG);
     }
-    let read = |name: String| std::fs::read_to_string(c.work.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let read =
+        |name: String| std::fs::read_to_string(c.work.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
     let s = seq_of(&plain);
     assert_eq!(read(format!("hello.sh.o{s}")), "to-out\n");
     assert_eq!(read(format!("hello.sh.e{s}")), "to-err\n");
@@ -201,7 +202,17 @@ fn job_environment() {
     // -V exports the submitter's environment; array tasks get their index.
     let out = c
         .cmd("qsub")
-        .args(["-V", "-J", "3-4", "-N", "withv", "--", "sh", "-c", "echo $PICLOUD_TEST_MARKER $PBS_ARRAY_INDEX $PBS_ARRAYID"])
+        .args([
+            "-V",
+            "-J",
+            "3-4",
+            "-N",
+            "withv",
+            "--",
+            "sh",
+            "-c",
+            "echo $PICLOUD_TEST_MARKER $PBS_ARRAY_INDEX $PBS_ARRAYID",
+        ])
         .env("PICLOUD_TEST_MARKER", "present")
         .output()
         .unwrap();

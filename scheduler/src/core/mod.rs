@@ -450,7 +450,9 @@ fn satisfied(kind: DependKind, on: JobRef, success: bool) -> Result<(), String> 
     match (kind, success) {
         (DependKind::AfterAny, _) | (DependKind::AfterOk, true) | (DependKind::AfterNotOk, false) => Ok(()),
         (DependKind::AfterOk, false) => Err(format!("afterok:{on} can never be satisfied: {on} failed")),
-        (DependKind::AfterNotOk, true) => Err(format!("afternotok:{on} can never be satisfied: {on} succeeded")),
+        (DependKind::AfterNotOk, true) => {
+            Err(format!("afternotok:{on} can never be satisfied: {on} succeeded"))
+        }
     }
 }
 

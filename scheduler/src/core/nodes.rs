@@ -92,10 +92,8 @@ impl Nodes {
     /// Returns the node and the OS indices of the PUs of the cores taken.
     pub(crate) fn allocate(&mut self, ncpus: u32, mem: Option<u64>) -> Option<(NodeId, Vec<u32>)> {
         let need_mem = mem.unwrap_or(0);
-        let (&id, node) = self
-            .nodes
-            .iter_mut()
-            .find(|(_, n)| n.free_count >= ncpus && n.free_memory >= need_mem)?;
+        let (&id, node) =
+            self.nodes.iter_mut().find(|(_, n)| n.free_count >= ncpus && n.free_memory >= need_mem)?;
         let cores = node.take(ncpus);
         node.free_memory -= need_mem;
         self.free_cores -= u64::from(ncpus);

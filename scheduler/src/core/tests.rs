@@ -49,7 +49,13 @@ fn fifo_first_fit_and_release() {
 fn pins_to_distinct_cores() {
     let mut c = Core::new();
     node(&mut c, 0, 4);
-    let d = run(&mut c, Event::Submit { seq: 1, request: Request { array: Some(ArrayIndices::parse("1-4").unwrap()), ..req(1) } });
+    let d = run(
+        &mut c,
+        Event::Submit {
+            seq: 1,
+            request: Request { array: Some(ArrayIndices::parse("1-4").unwrap()), ..req(1) },
+        },
+    );
     let mut cpus: Vec<u32> = d
         .iter()
         .flat_map(|d| match d {
@@ -67,7 +73,8 @@ fn array_runs_every_index_once() {
     let mut c = Core::new();
     node(&mut c, 0, 2);
     let array = ArrayIndices::parse("1-9:2,20").unwrap();
-    let mut pending = started(&run(&mut c, Event::Submit { seq: 5, request: Request { array: Some(array), ..req(1) } }));
+    let mut pending =
+        started(&run(&mut c, Event::Submit { seq: 5, request: Request { array: Some(array), ..req(1) } }));
     let mut seen = Vec::new();
     while let Some(t) = pending.pop() {
         seen.push(t.index.unwrap());
@@ -91,7 +98,12 @@ fn afterok_chain_runs_in_order_and_failure_ends_dependents() {
     assert_eq!(started(&d), vec![job(2)]);
     let d = run(&mut c, Event::TaskFinished { task: job(2), success: false });
     assert!(started(&d).is_empty());
-    assert!(d.iter().any(|d| matches!(d, Decision::End { seq: 3, reason: EndReason::DependencyNeverSatisfied(_), .. })));
+    assert!(
+        d.iter().any(|d| matches!(
+            d,
+            Decision::End { seq: 3, reason: EndReason::DependencyNeverSatisfied(_), .. }
+        ))
+    );
     assert_eq!(c.phase(3), Phase::Done);
 }
 
@@ -100,13 +112,25 @@ fn afternotok_runs_only_after_failure() {
     let mut c = Core::new();
     node(&mut c, 0, 4);
     run(&mut c, Event::Submit { seq: 1, request: req(1) });
-    run(&mut c, Event::Submit { seq: 2, request: Request { depend: vec![(DependKind::AfterNotOk, JobRef::Job(1))], ..req(1) } });
+    run(
+        &mut c,
+        Event::Submit {
+            seq: 2,
+            request: Request { depend: vec![(DependKind::AfterNotOk, JobRef::Job(1))], ..req(1) },
+        },
+    );
     let d = run(&mut c, Event::TaskFinished { task: job(1), success: false });
     assert_eq!(started(&d), vec![job(2)]);
     // On an already finished successful job, afternotok can never be met.
     run(&mut c, Event::Submit { seq: 3, request: req(1) });
     run(&mut c, Event::TaskFinished { task: job(3), success: true });
-    let d = run(&mut c, Event::Submit { seq: 4, request: Request { depend: vec![(DependKind::AfterNotOk, JobRef::Job(3))], ..req(1) } });
+    let d = run(
+        &mut c,
+        Event::Submit {
+            seq: 4,
+            request: Request { depend: vec![(DependKind::AfterNotOk, JobRef::Job(3))], ..req(1) },
+        },
+    );
     assert!(d.iter().any(|d| matches!(d, Decision::End { seq: 4, .. })));
 }
 
@@ -129,7 +153,13 @@ fn cancel_queued_and_running() {
 fn cancel_one_array_task_skips_it() {
     let mut c = Core::new();
     node(&mut c, 0, 1);
-    let mut pending = started(&run(&mut c, Event::Submit { seq: 1, request: Request { array: Some(ArrayIndices::parse("1-3").unwrap()), ..req(1) } }));
+    let mut pending = started(&run(
+        &mut c,
+        Event::Submit {
+            seq: 1,
+            request: Request { array: Some(ArrayIndices::parse("1-3").unwrap()), ..req(1) },
+        },
+    ));
     assert!(c.is_unstarted(1, 2));
     run(&mut c, Event::Cancel(JobRef::Task(1, 2)));
     assert!(!c.is_unstarted(1, 2));
@@ -146,7 +176,9 @@ fn cancel_one_array_task_skips_it() {
 fn hold_and_release() {
     let mut c = Core::new();
     node(&mut c, 0, 1);
-    assert!(started(&run(&mut c, Event::Submit { seq: 1, request: Request { hold: true, ..req(1) } })).is_empty());
+    assert!(
+        started(&run(&mut c, Event::Submit { seq: 1, request: Request { hold: true, ..req(1) } })).is_empty()
+    );
     assert_eq!(c.phase(1), Phase::Held);
     assert_eq!(started(&run(&mut c, Event::Release(JobRef::Job(1)))), vec![job(1)]);
 }

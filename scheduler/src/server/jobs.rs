@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use picloud_proto::{
-    ArrayCounts, DependKind, JobInfo, JobRef, JobSpec, JobSpecSummary, JobState, JoinStreams, ResourcesUsed, TaskEnd,
-    TaskId,
+    ArrayCounts, DependKind, JobInfo, JobRef, JobSpec, JobSpecSummary, JobState, JoinStreams, ResourcesUsed,
+    TaskEnd, TaskId,
 };
 
 use crate::core::{Core, EndReason, NodeId, Phase};
@@ -143,11 +143,22 @@ impl JobRecord {
     }
 
     /// Records tasks that ended without running on their own.
-    pub(crate) fn end(&mut self, index: Option<u32>, reason: &EndReason, by: &str, node_name: &str, now: u64) {
+    pub(crate) fn end(
+        &mut self,
+        index: Option<u32>,
+        reason: &EndReason,
+        by: &str,
+        node_name: &str,
+        now: u64,
+    ) {
         let (status, comment) = match reason {
             EndReason::Cancelled => (EXIT_CANCELLED, format!("Job deleted by {by} before it ran")),
-            EndReason::DependencyNeverSatisfied(why) => (EXIT_NEVER_RAN, format!("Job not run: dependency {why}")),
-            EndReason::NodeLost => (EXIT_NEVER_RAN, format!("Job failed: node {node_name} was lost while it ran")),
+            EndReason::DependencyNeverSatisfied(why) => {
+                (EXIT_NEVER_RAN, format!("Job not run: dependency {why}"))
+            }
+            EndReason::NodeLost => {
+                (EXIT_NEVER_RAN, format!("Job failed: node {node_name} was lost while it ran"))
+            }
         };
         match (index, self.is_array()) {
             (None, true) => {
@@ -244,7 +255,11 @@ impl JobRecord {
                     None => by_kind.push((d.kind, vec![id])),
                 }
             }
-            by_kind.iter().map(|(k, ids)| format!("{}:{}", k.as_str(), ids.join(":"))).collect::<Vec<_>>().join(",")
+            by_kind
+                .iter()
+                .map(|(k, ids)| format!("{}:{}", k.as_str(), ids.join(":")))
+                .collect::<Vec<_>>()
+                .join(",")
         });
         JobSpecSummary {
             name: spec.name.clone(),
@@ -362,6 +377,8 @@ impl JobRecord {
         info.end_time = t.end_time;
         info.used = t.used;
         info.cpus = t.cpus.clone();
-        info.exec_host = t.node.map(|n| format!("{}/{}*{}", node_name(n), t.cpus.first().copied().unwrap_or(0), t.cpus.len()));
+        info.exec_host = t
+            .node
+            .map(|n| format!("{}/{}*{}", node_name(n), t.cpus.first().copied().unwrap_or(0), t.cpus.len()));
     }
 }

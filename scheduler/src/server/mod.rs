@@ -32,14 +32,15 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use picloud_proto::{
     AgentMsg, ClientRequest, Dependency, ErrorKind, Hello, JobInfo, JobRef, JobSpec, NodeInfo, NodeStatus,
-    ProtoError, RefOutcome, Role, ServerReply, ServerStatus, StartTask, StatRequest, TaskEnd, TaskId, ToAgent,
+    ProtoError, RefOutcome, Role, ServerReply, ServerStatus, StartTask, StatRequest, TaskEnd, TaskId,
+    ToAgent,
 };
 use tracing::{debug, info, warn};
 
 use crate::core::{Core, Decision, Event, NodeId, Request};
 use conn::{Conn, Peer, Stream};
-pub use jobs::{EXIT_CANCELLED, EXIT_NEVER_RAN};
 use jobs::JobRecord;
+pub use jobs::{EXIT_CANCELLED, EXIT_NEVER_RAN};
 
 const UNIX_LISTENER: Token = Token(0);
 const TCP_LISTENER: Token = Token(1);
@@ -202,9 +203,12 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
                 UNIX_LISTENER => loop {
                     match unix.accept() {
                         Ok((stream, _)) => {
-                            let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-                                .ok()
-                                .map(|c| (c.uid(), c.gid()));
+                            let cred = nix::sys::socket::getsockopt(
+                                &stream,
+                                nix::sys::socket::sockopt::PeerCredentials,
+                            )
+                            .ok()
+                            .map(|c| (c.uid(), c.gid()));
                             server.add_conn(Token(next_token), Stream::Unix(stream), cred);
                             next_token += 1;
                         }
@@ -252,13 +256,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
 /// Takes the state directory's lock file, writing our pid into it.
 fn lock_state_dir(dir: &std::path::Path) -> Result<Flock<File>, ServerError> {
     let path = dir.join("server.lock");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|source| ServerError::Setup { what: "cannot open the lock file", path: path.clone(), source })?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(
+        |source| ServerError::Setup { what: "cannot open the lock file", path: path.clone(), source },
+    )?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(mut lock) => {
             lock.set_len(0).ok();
@@ -407,7 +407,10 @@ impl Server {
                 let name = self.config.name.clone();
                 let conn = self.conns.get_mut(&token).expect("present");
                 conn.peer = Peer::Client { uid, gid, user };
-                conn.send(&ServerReply::Welcome { server_name: name, version: picloud_proto::PROTOCOL_VERSION });
+                conn.send(&ServerReply::Welcome {
+                    server_name: name,
+                    version: picloud_proto::PROTOCOL_VERSION,
+                });
             }
             Role::Agent(info) => {
                 let node = NodeId(self.next_node);
@@ -463,9 +466,14 @@ impl Server {
                 self.reply(token, &ServerReply::Released(outcomes));
             }
             ClientRequest::Wait { jobs, timeout_ms } => {
-                let unknown: Vec<String> = jobs.iter().filter(|r| !self.exists(r)).map(|r| r.to_string()).collect();
+                let unknown: Vec<String> =
+                    jobs.iter().filter(|r| !self.exists(r)).map(|r| r.to_string()).collect();
                 if !unknown.is_empty() {
-                    return self.error(token, ErrorKind::UnknownJob, format!("Unknown Job Id {}", unknown.join(", ")));
+                    return self.error(
+                        token,
+                        ErrorKind::UnknownJob,
+                        format!("Unknown Job Id {}", unknown.join(", ")),
+                    );
                 }
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
                 self.waiters.push(Waiter { token, refs: jobs, deadline });
@@ -507,7 +515,11 @@ impl Server {
             ClientRequest::Shutdown => {
                 let owner = nix::unistd::getuid().as_raw();
                 if uid != 0 && uid != owner {
-                    return self.error(token, ErrorKind::PermissionDenied, "only the server's owner or root may stop it");
+                    return self.error(
+                        token,
+                        ErrorKind::PermissionDenied,
+                        "only the server's owner or root may stop it",
+                    );
                 }
                 self.reply(token, &ServerReply::Ok);
                 self.stopping = true;
@@ -799,7 +811,8 @@ impl Server {
             self.ended_since_check = false;
             let waiters = std::mem::take(&mut self.waiters);
             for w in waiters {
-                let done = w.refs.iter().all(|r| self.jobs.get(&r.seq()).is_none_or(|j| j.ref_ended(r, &self.core)));
+                let done =
+                    w.refs.iter().all(|r| self.jobs.get(&r.seq()).is_none_or(|j| j.ref_ended(r, &self.core)));
                 if done {
                     let jobs = w.refs.iter().flat_map(|r| self.infos_of(r)).collect();
                     self.reply(w.token, &ServerReply::Jobs { jobs, unknown: Vec::new() });
@@ -814,8 +827,12 @@ impl Server {
             self.last_purge = now;
             let keep = self.config.keep_finished.as_secs();
             let cutoff = unix_now().saturating_sub(keep);
-            let old: Vec<u64> =
-                self.jobs.values().filter(|j| j.finished_at.is_some_and(|t| t <= cutoff)).map(|j| j.seq).collect();
+            let old: Vec<u64> = self
+                .jobs
+                .values()
+                .filter(|j| j.finished_at.is_some_and(|t| t <= cutoff))
+                .map(|j| j.seq)
+                .collect();
             for seq in old {
                 self.jobs.remove(&seq);
                 self.core.forget(seq);
