@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Runs every picloud test: unit tests of each crate and the cross-process
 # integration tests, which start real `picloud up` servers and agents.
+# Ends with one line totalling every test binary's results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # The integration tests drive the real binary, so build it first.
 cargo build --workspace --bins --quiet
-cargo test --workspace --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -14,7 +14,12 @@ use clap::{Parser, Subcommand};
 
 /// picloud: a batch system for the cluster you have.
 #[derive(Debug, Parser)]
-#[command(name = "picloud", version, about = "picloud: a batch system for the cluster you have", propagate_version = true)]
+#[command(
+    name = "picloud",
+    version,
+    about = "picloud: a batch system for the cluster you have",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -11,14 +11,13 @@
 //! first eligible job that does not fit stops the pass, so large jobs are not
 //! starved by small ones behind them.
 
-mod nodes;
+pub mod resources;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use picloud_proto::{ArrayIndices, DependKind, JobRef, TaskId};
 
-pub use nodes::NodeId;
-use nodes::Nodes;
+pub use resources::{Allocation, NodeAllocation, NodeId, NodeShape, Placement, ResourceRequest, Resources};
 
 /// Milliseconds on the caller's clock. The core never reads a clock itself.
 pub type Millis = u64;
@@ -26,10 +25,14 @@ pub type Millis = u64;
 /// What a job asks of the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
-    /// Whole cores per task.
-    pub ncpus: u32,
-    /// Memory per task in bytes, if limited.
-    pub mem: Option<u64>,
+    /// The submitting user (uid), for fair share.
+    pub user: u32,
+    /// What each task needs.
+    pub resources: ResourceRequest,
+    /// Requested wall-clock limit of each task.
+    pub walltime: Option<Millis>,
+    /// Explicit priority, -1024..=1023.
+    pub priority: i32,
     /// Array indices, for an array; `None` for a single task.
     pub array: Option<ArrayIndices>,
     /// Dependencies on other jobs, arrays or tasks.
@@ -52,14 +55,12 @@ pub enum Event {
     Cancel(JobRef),
     /// A user released a held job.
     Release(JobRef),
-    /// A node offers its cores: each core as the OS indices of its PUs.
+    /// A node offers its resources.
     NodeJoined {
         /// Node.
         node: NodeId,
-        /// Cores.
-        cores: Vec<Vec<u32>>,
-        /// Memory in bytes.
-        memory: u64,
+        /// Its hardware.
+        shape: NodeShape,
     },
     /// A node is gone; whatever ran there is lost.
     NodeLost(NodeId),
@@ -88,21 +89,19 @@ pub enum EndReason {
 /// What the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Start the task on the node, pinned to these PUs.
+    /// Start the task with exactly these resources.
     Start {
         /// Task.
         task: TaskId,
-        /// Node.
-        node: NodeId,
-        /// OS indices of the PUs.
-        cpus: Vec<u32>,
+        /// Nodes, cores, PUs, memory and GPUs.
+        allocation: Allocation,
     },
     /// Kill a running task; its end will be reported as a [`Event::TaskFinished`].
     Kill {
         /// Task.
         task: TaskId,
-        /// Node it runs on.
-        node: NodeId,
+        /// Nodes it runs on.
+        nodes: Vec<NodeId>,
     },
     /// Tasks that end without (further) running. `index: None` on an array
     /// means every task of it that has not started.
@@ -146,8 +145,8 @@ struct Job {
     total: u64,
     /// Unstarted array indices cancelled individually.
     skipped: BTreeSet<u32>,
-    /// Tasks started and still running, with their node.
-    running: BTreeMap<Option<u32>, (NodeId, Vec<u32>)>,
+    /// Tasks started and still running, with what they hold.
+    running: BTreeMap<Option<u32>, Allocation>,
     /// Tasks ended so far.
     ended: u64,
     /// Whether any task failed (non-zero exit, cancelled, never ran).
@@ -169,7 +168,7 @@ impl Job {
 /// The scheduling state.
 #[derive(Debug, Default)]
 pub struct Core {
-    nodes: Nodes,
+    nodes: Resources,
     /// Jobs not yet done, by sequence number (FIFO order).
     jobs: BTreeMap<u64, Job>,
     /// Outcome of every finished job: `true` when every task succeeded.
@@ -187,7 +186,7 @@ impl Core {
     /// Checks that some node could ever run `request`. With no node known yet
     /// every request is accepted.
     pub fn check_fits(&self, request: &Request) -> Result<(), String> {
-        self.nodes.check_fits(request.ncpus, request.mem)
+        self.nodes.check_fits(&request.resources)
     }
 
     /// Applies one event at time `now`, appending decisions to `out`.
@@ -200,7 +199,7 @@ impl Core {
                     job.held = false;
                 }
             }
-            Event::NodeJoined { node, cores, memory } => self.nodes.add(node, cores, memory),
+            Event::NodeJoined { node, shape } => self.nodes.add_node(node, shape),
             Event::NodeLost(node) => self.node_lost(node, out),
             Event::TaskFinished { task, success } => self.task_finished(task, success, out),
             Event::Tick => {}
@@ -236,6 +235,11 @@ impl Core {
     /// Number of free cores across all nodes.
     pub fn free_cores(&self) -> u64 {
         self.nodes.free_cores()
+    }
+
+    /// The cluster's resources.
+    pub fn resources(&self) -> &Resources {
+        &self.nodes
     }
 
     fn submit(&mut self, seq: u64, request: Request, out: &mut Vec<Decision>) {
@@ -290,8 +294,9 @@ impl Core {
         let Some(job) = self.jobs.get_mut(&seq) else { return };
         match target {
             JobRef::Task(_, i) => {
-                if let Some((node, _)) = job.running.get(&Some(i)) {
-                    out.push(Decision::Kill { task: TaskId { seq, index: Some(i) }, node: *node });
+                if let Some(alloc) = job.running.get(&Some(i)) {
+                    let nodes = alloc.nodes.iter().map(|a| a.node).collect();
+                    out.push(Decision::Kill { task: TaskId { seq, index: Some(i) }, nodes });
                 } else if self.is_unstarted(seq, i) {
                     self.jobs.get_mut(&seq).expect("present").skipped.insert(i);
                     out.push(Decision::End { seq, index: Some(i), reason: EndReason::Cancelled });
@@ -299,8 +304,9 @@ impl Core {
                 }
             }
             JobRef::Job(_) | JobRef::Array(_) => {
-                for (&index, (node, _)) in &job.running {
-                    out.push(Decision::Kill { task: TaskId { seq, index }, node: *node });
+                for (&index, alloc) in &job.running {
+                    let nodes = alloc.nodes.iter().map(|a| a.node).collect();
+                    out.push(Decision::Kill { task: TaskId { seq, index }, nodes });
                 }
                 self.end_unstarted(seq, EndReason::Cancelled, out);
             }
@@ -327,14 +333,16 @@ impl Core {
             .flat_map(|(&seq, job)| {
                 job.running
                     .iter()
-                    .filter(move |(_, (n, _))| *n == node)
+                    .filter(move |(_, alloc)| alloc.nodes.iter().any(|a| a.node == node))
                     .map(move |(&index, _)| TaskId { seq, index })
             })
             .collect();
-        self.nodes.remove(node);
+        self.nodes.remove_node(node);
         for task in lost {
-            if let Some(job) = self.jobs.get_mut(&task.seq) {
-                job.running.remove(&task.index);
+            if let Some(alloc) = self.jobs.get_mut(&task.seq).and_then(|job| job.running.remove(&task.index))
+            {
+                // Whatever it held on other nodes is free again.
+                self.nodes.release(&alloc);
             }
             out.push(Decision::End { seq: task.seq, index: task.index, reason: EndReason::NodeLost });
             self.tasks_ended(task.seq, 1, task.index, false, out);
@@ -343,8 +351,8 @@ impl Core {
 
     fn task_finished(&mut self, task: TaskId, success: bool, out: &mut Vec<Decision>) {
         let Some(job) = self.jobs.get_mut(&task.seq) else { return };
-        let Some((node, cpus)) = job.running.remove(&task.index) else { return };
-        self.nodes.release(node, &cpus, job.request.mem);
+        let Some(alloc) = job.running.remove(&task.index) else { return };
+        self.nodes.release(&alloc);
         self.tasks_ended(task.seq, 1, task.index, success, out);
     }
 
@@ -430,12 +438,12 @@ impl Core {
                         Some(i)
                     }
                 };
-                let Some((node, cpus)) = self.nodes.allocate(job.request.ncpus, job.request.mem) else {
+                let Some(allocation) = self.nodes.allocate(&job.request.resources) else {
                     return; // strict FIFO: nothing behind the first job that does not fit
                 };
                 job.cursor += 1;
-                job.running.insert(index, (node, cpus.clone()));
-                out.push(Decision::Start { task: TaskId { seq, index }, node, cpus });
+                job.running.insert(index, allocation.clone());
+                out.push(Decision::Start { task: TaskId { seq, index }, allocation });
                 if self.nodes.free_cores() == 0 {
                     return;
                 }

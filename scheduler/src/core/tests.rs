@@ -3,12 +3,20 @@
 use super::*;
 
 fn req(ncpus: u32) -> Request {
-    Request { ncpus, mem: None, array: None, depend: Vec::new(), hold: false }
+    Request {
+        user: 0,
+        resources: ResourceRequest::cores(ncpus),
+        walltime: None,
+        priority: 0,
+        array: None,
+        depend: Vec::new(),
+        hold: false,
+    }
 }
 
 fn node(core: &mut Core, id: u32, ncores: u32) {
-    let cores = (0..ncores).map(|c| vec![c]).collect();
-    core.apply(Event::NodeJoined { node: NodeId(id), cores, memory: 1 << 30 }, 0, &mut Vec::new());
+    let shape = NodeShape::simple(ncores, 1 << 30);
+    core.apply(Event::NodeJoined { node: NodeId(id), shape }, 0, &mut Vec::new());
 }
 
 fn run(core: &mut Core, e: Event) -> Vec<Decision> {
@@ -59,7 +67,7 @@ fn pins_to_distinct_cores() {
     let mut cpus: Vec<u32> = d
         .iter()
         .flat_map(|d| match d {
-            Decision::Start { cpus, .. } => cpus.clone(),
+            Decision::Start { allocation, .. } => allocation.nodes[0].pus.clone(),
             _ => vec![],
         })
         .collect();
@@ -143,7 +151,7 @@ fn cancel_queued_and_running() {
     let d = run(&mut c, Event::Cancel(JobRef::Job(2)));
     assert_eq!(d, vec![Decision::End { seq: 2, index: None, reason: EndReason::Cancelled }]);
     let d = run(&mut c, Event::Cancel(JobRef::Job(1)));
-    assert_eq!(d, vec![Decision::Kill { task: job(1), node: NodeId(0) }]);
+    assert_eq!(d, vec![Decision::Kill { task: job(1), nodes: vec![NodeId(0)] }]);
     run(&mut c, Event::TaskFinished { task: job(1), success: false });
     assert_eq!(c.phase(1), Phase::Done);
     assert_eq!(c.free_cores(), 1);
@@ -203,5 +211,7 @@ fn requests_no_node_can_hold_are_refused() {
     node(&mut c, 0, 2);
     let err = c.check_fits(&req(3)).unwrap_err();
     assert!(err.contains("largest node has 2 cores"), "{err}");
-    assert!(c.check_fits(&Request { mem: Some(1 << 40), ..req(1) }).is_err());
+    let mut big = req(1);
+    big.resources.mem = 1 << 40;
+    assert!(c.check_fits(&big).is_err());
 }

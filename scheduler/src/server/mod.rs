@@ -416,8 +416,7 @@ impl Server {
                 let node = NodeId(self.next_node);
                 self.next_node += 1;
                 info!(node = %info.hostname, cores = info.cores.len(), "agent joined");
-                let cores = info.cores.clone();
-                let memory = info.memory;
+                let shape = crate::core::NodeShape::from_info(&info);
                 let name = self.config.name.clone();
                 let conn = self.conns.get_mut(&token).expect("present");
                 conn.peer = Peer::Agent(node);
@@ -432,7 +431,7 @@ impl Server {
                         pending_starts: Vec::new(),
                     },
                 );
-                self.apply(Event::NodeJoined { node, cores, memory });
+                self.apply(Event::NodeJoined { node, shape });
             }
         }
     }
@@ -545,8 +544,16 @@ impl Server {
             return Err(invalid("no command given".into()));
         }
         let request = Request {
-            ncpus: spec.resources.ncpus,
-            mem: spec.resources.mem,
+            user: uid,
+            resources: crate::core::ResourceRequest {
+                chunks: 1,
+                cores: spec.resources.ncpus,
+                mem: spec.resources.mem.unwrap_or(0),
+                gpus: 0,
+                placement: crate::core::Placement::Compact,
+            },
+            walltime: spec.resources.walltime.map(|s| s * 1000),
+            priority: spec.priority,
             array: spec.array.clone(),
             depend: spec.depend.iter().map(|d: &Dependency| (d.kind, d.on)).collect(),
             hold: spec.hold,
@@ -644,7 +651,10 @@ impl Server {
     fn carry_out(&mut self, d: Decision) {
         let server = self.config.name.clone();
         match d {
-            Decision::Start { task, node, cpus } => {
+            Decision::Start { task, allocation } => {
+                // Jobs are single-node (qsub refuses more chunks).
+                let Some(first) = allocation.nodes.first() else { return };
+                let (node, cpus) = (first.node, first.pus.clone());
                 let Some(job) = self.jobs.get_mut(&task.seq) else { return };
                 let Some(agent) = self.nodes.get_mut(&node) else { return };
                 let Some(token) = agent.token else { return };
@@ -679,14 +689,16 @@ impl Server {
                     stderr_path,
                 });
             }
-            Decision::Kill { task, node } => {
+            Decision::Kill { task, nodes } => {
                 let by = self.acting_user.clone();
                 if let Some(rec) = self.jobs.get_mut(&task.seq).and_then(|j| j.tasks.get_mut(&task.index)) {
                     rec.cancelled_by = Some(by.clone());
                 }
-                let token = self.nodes.get(&node).and_then(|n| n.token);
-                if let Some(conn) = token.and_then(|t| self.conns.get_mut(&t)) {
-                    conn.send(&ToAgent::Kill { task, reason: format!("Job deleted by {by}") });
+                for node in nodes {
+                    let token = self.nodes.get(&node).and_then(|n| n.token);
+                    if let Some(conn) = token.and_then(|t| self.conns.get_mut(&t)) {
+                        conn.send(&ToAgent::Kill { task, reason: format!("Job deleted by {by}") });
+                    }
                 }
             }
             Decision::End { seq, index, reason } => {
