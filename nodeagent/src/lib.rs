@@ -3,6 +3,7 @@
 //! side of the protocol ([`agent`]).
 
 pub mod agent;
+pub mod cgroup;
 pub mod launcher;
 pub mod topology;
 
