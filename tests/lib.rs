@@ -97,6 +97,27 @@ impl Cluster {
         Client::connect(&self.addr()).expect("connect to the test server")
     }
 
+    /// Sends `signal` to `picloud up` and waits (at most `timeout`) for it to exit.
+    pub fn stop_with(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> std::process::ExitStatus {
+        let mut up = self.up.take().expect("picloud up is running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), signal).unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = up.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = up.kill();
+                panic!("picloud up did not stop within {timeout:?} after {signal}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// What `picloud up` has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()

@@ -426,6 +426,7 @@ ID      NAME           USER   STATE     CPUS  ELAPSED   EXIT  NODE/COMMENT
                 memory: 16 << 30,
                 packages: 1,
                 limits: "cgroup v2".into(),
+                ..NodeInfo::default()
             },
             used_pus: used,
             running,

@@ -5,6 +5,7 @@
 mod commands;
 mod daemons;
 mod pbs;
+mod simulate;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ enum Command {
     Nodes(commands::NodesArgs),
     /// Release held jobs.
     Release(commands::CancelArgs),
+    /// Replay a workload trace (SWF) through the scheduler in virtual time.
+    Simulate(simulate::SimulateArgs),
     /// Create qsub, qstat, qdel and qrls links to this binary in DIR.
     InstallPbsCommands {
         /// Directory for the links (e.g. ~/.local/bin).
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Wait(a) => return commands::wait(a),
         Command::Nodes(a) => return commands::nodes(a),
         Command::Release(a) => return commands::release(a),
+        Command::Simulate(a) => simulate::simulate(a),
         Command::InstallPbsCommands { dir } => daemons::install_pbs_commands(&dir),
     };
     match result {

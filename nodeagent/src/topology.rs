@@ -12,16 +12,27 @@
 //!   hwloc has no memory information for it);
 //! - cores in hwloc's logical order, each as the OS indices of its PUs; a
 //!   topology without core objects gets one "core" per PU;
-//! - total memory, number of packages, and which limits the agent enforces.
+//! - total memory, number of packages, and which limits the agent enforces;
+//! - packages and L3 caches, each as the OS indices of its PUs (the scheduler
+//!   places compact jobs within as few of them as it can);
+//! - GPUs, one per physical device. hwloc shows a device once per API that
+//!   sees it (an NVIDIA board is `cuda0`, `nvml0` and `opencl0d0`), all as I/O
+//!   children of the same PCI device, so OS devices are grouped by their PCI
+//!   parent. Only compute APIs count (CUDA, NVML, RSMI, Level Zero, OpenCL
+//!   GPU devices); display-only devices (DRM `card0`, GL `:0.0`) are not
+//!   GPUs a job can use. A GPU's NUMA node is the one in the nodeset of its
+//!   first non-I/O ancestor, hwloc's definition of an I/O device's locality.
 
 use std::path::{Path, PathBuf};
+
+use std::collections::BTreeMap;
 
 use hwlocality::Topology;
 use hwlocality::object::TopologyObject;
 use hwlocality::object::attributes::ObjectAttributes;
 use hwlocality::object::types::ObjectType;
-use hwlocality::topology::builder::FileInputError;
-use picloud_proto::{NodeInfo, NumaNode};
+use hwlocality::topology::builder::{FileInputError, TypeFilter};
+use picloud_proto::{GpuInfo, NodeInfo, NumaNode};
 
 /// What the agent can enforce of a job's resource request, in words.
 pub const LIMITS: &str = "none: cgroup limits are not enforced yet";
@@ -53,9 +64,16 @@ pub enum TopologyError {
 
 /// Discovers the live machine's topology.
 pub fn discover() -> Result<NodeInfo, TopologyError> {
-    let topology = guard_hwloc(Topology::new)
-        .map_err(TopologyError::Live)?
-        .map_err(|e| TopologyError::Live(e.to_string()))?;
+    let topology = guard_hwloc(|| {
+        Topology::builder()
+            // I/O objects are off by default; GPUs are OS devices.
+            .with_io_type_filter(TypeFilter::KeepImportant)
+            .map_err(|e| e.to_string())?
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .map_err(TopologyError::Live)?
+    .map_err(TopologyError::Live)?;
     node_info(&topology, "this machine")
 }
 
@@ -72,6 +90,9 @@ pub fn from_xml_file(path: &Path) -> Result<NodeInfo, TopologyError> {
                 FileInputError::Invalid(_) => "not a valid hwloc XML topology".to_string(),
                 other => other.to_string(),
             })?
+            // I/O objects are filtered out of XML input too unless asked for.
+            .with_io_type_filter(TypeFilter::KeepImportant)
+            .map_err(|e| e.to_string())?
             .build()
             .map_err(|e| format!("not a valid hwloc XML topology ({e})"))
     })
@@ -126,8 +147,110 @@ fn node_info(topology: &Topology, source_name: &str) -> Result<NodeInfo, Topolog
         0 => numa_nodes.iter().map(|n| n.memory).sum(),
         m => m,
     };
+    let package_pus: Vec<Vec<u32>> =
+        topology.objects_with_type(ObjectType::Package).map(pus_of).filter(|pus| !pus.is_empty()).collect();
     let packages = topology.objects_with_type(ObjectType::Package).len() as u32;
-    Ok(NodeInfo { hostname: hostname()?, numa_nodes, cores, memory, packages, limits: LIMITS.to_string() })
+    let l3: Vec<Vec<u32>> =
+        topology.objects_with_type(ObjectType::L3Cache).map(pus_of).filter(|pus| !pus.is_empty()).collect();
+    let gpus = gpus(topology, &numa_nodes);
+    Ok(NodeInfo {
+        hostname: hostname()?,
+        numa_nodes,
+        cores,
+        memory,
+        packages,
+        limits: LIMITS.to_string(),
+        package_pus,
+        l3,
+        gpus,
+    })
+}
+
+/// The APIs whose OS devices are compute GPUs, most preferred name first.
+const GPU_APIS: [&str; 5] = ["CUDA", "NVML", "RSMI", "LevelZero", "OpenCL"];
+
+/// Where a GPU sits: its PCI domain, bus, device and function, or
+/// `(u32::MAX, 0, 0, 0, hwloc's global index)` off PCI.
+type GpuKey = (u32, u8, u8, u8, u64);
+
+/// The node's GPUs, one per physical device, in PCI bus order (devices
+/// without a PCI parent last, in hwloc's order).
+fn gpus(topology: &Topology, numa_nodes: &[NumaNode]) -> Vec<GpuInfo> {
+    let mut devices: BTreeMap<GpuKey, (usize, GpuInfo)> = BTreeMap::new();
+    for osdev in topology.objects_with_type(ObjectType::OSDevice) {
+        let Some(api) = compute_api(osdev) else { continue };
+        let rank = GPU_APIS.iter().position(|&a| a == api).unwrap_or(GPU_APIS.len());
+        let pci_parent = osdev.parent().and_then(|p| match p.attributes() {
+            Some(ObjectAttributes::PCIDevice(pci)) => Some(pci),
+            _ => None,
+        });
+        let key = match pci_parent {
+            Some(pci) => (u32::from(pci.domain()), pci.bus_id(), pci.bus_device(), pci.function(), 0),
+            None => (u32::MAX, 0, 0, 0, osdev.global_persistent_index()),
+        };
+        let info = GpuInfo {
+            name: c_string(osdev.name()).unwrap_or_else(|| format!("gpu{}", devices.len())),
+            model: c_string(osdev.info("GPUModel")),
+            pci: pci_parent.map(|pci| {
+                format!(
+                    "{:04x}:{:02x}:{:02x}.{:x}",
+                    pci.domain(),
+                    pci.bus_id(),
+                    pci.bus_device(),
+                    pci.function()
+                )
+            }),
+            numa: gpu_numa(osdev, numa_nodes),
+        };
+        match devices.get_mut(&key) {
+            // Another API's view of a device already seen: keep the preferred name.
+            Some((seen, gpu)) => {
+                if rank < *seen {
+                    *seen = rank;
+                    gpu.name = info.name;
+                }
+                if gpu.model.is_none() {
+                    gpu.model = info.model;
+                }
+            }
+            None => {
+                devices.insert(key, (rank, info));
+            }
+        }
+    }
+    devices.into_values().map(|(_, gpu)| gpu).collect()
+}
+
+/// The compute API of an OS device that is a GPU, or `None`.
+fn compute_api(osdev: &TopologyObject) -> Option<&'static str> {
+    let subtype = osdev.subtype()?.to_str().ok()?;
+    let api = GPU_APIS.iter().copied().find(|&a| a == subtype)?;
+    // OpenCL also lists CPUs and other accelerators under the same subtype.
+    if api == "OpenCL" && osdev.info("OpenCLDeviceType").is_some_and(|t| t.to_bytes() != b"GPU") {
+        return None;
+    }
+    Some(api)
+}
+
+/// The NUMA node (OS index) an I/O device is local to: the only NUMA node of
+/// its first non-I/O ancestor's nodeset, or the only one of those with PUs
+/// (a package's DRAM next to its memory-only MCDRAM). Only reported NUMA
+/// nodes count.
+fn gpu_numa(osdev: &TopologyObject, numa_nodes: &[NumaNode]) -> Option<u32> {
+    let nodeset = osdev.first_non_io_ancestor()?.nodeset()?;
+    let local: Vec<&NumaNode> = numa_nodes.iter().filter(|n| nodeset.is_set(n.os_index as usize)).collect();
+    match local.as_slice() {
+        [only] => Some(only.os_index),
+        _ => match local.iter().filter(|n| !n.pus.is_empty()).collect::<Vec<_>>().as_slice() {
+            [only] => Some(only.os_index),
+            _ => None,
+        },
+    }
+}
+
+/// A C string from hwloc as an owned string, if present and UTF-8.
+fn c_string(s: Option<&std::ffi::CStr>) -> Option<String> {
+    s.and_then(|s| s.to_str().ok()).map(str::to_string)
 }
 
 /// OS indices of the PUs in an object's cpuset (cpusets are indexed by OS index).
@@ -176,6 +299,21 @@ mod tests {
         assert!(info.cores.iter().all(|c| !c.is_empty()));
         assert!(!info.hostname.is_empty());
         assert_eq!(info.limits, LIMITS);
+        // Packages and L3 caches partition (part of) the PUs.
+        for sets in [&info.package_pus, &info.l3] {
+            let mut seen: Vec<u32> = sets.iter().flatten().copied().collect();
+            let n = seen.len();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), n, "a PU is in two packages or L3 caches: {sets:?}");
+            assert!(seen.iter().all(|p| pus.contains(p)), "unknown PU in {sets:?}");
+        }
+        assert_eq!(info.package_pus.len(), info.packages as usize);
+        for gpu in &info.gpus {
+            if let Some(numa) = gpu.numa {
+                assert!(info.numa_nodes.iter().any(|n| n.os_index == numa), "{gpu:?}");
+            }
+        }
     }
 
     #[test]
@@ -234,6 +372,52 @@ mod tests {
         assert_eq!(info.numa_nodes.len(), 8);
         assert_eq!(info.cores.len(), 16);
         assert_eq!(info.pus().count(), 64);
+    }
+
+    #[test]
+    fn gpus_are_counted_once_per_device_with_their_numa_node() {
+        let Some(info) = load("power8gpudistances.xml") else { return };
+        check_consistent(&info);
+        // Each P100 appears as cudaN, nvmlN and opencl0dN under one PCI device.
+        let names: Vec<&str> = info.gpus.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["cuda0", "cuda1", "cuda2", "cuda3"]);
+        let pci: Vec<&str> = info.gpus.iter().map(|g| g.pci.as_deref().unwrap()).collect();
+        assert_eq!(pci, ["0002:01:00.0", "0003:01:00.0", "000a:01:00.0", "000b:01:00.0"]);
+        let numa: Vec<Option<u32>> = info.gpus.iter().map(|g| g.numa).collect();
+        assert_eq!(numa, [Some(0), Some(0), Some(1), Some(1)]);
+        assert!(info.gpus.iter().all(|g| g.model.as_deref() == Some("Tesla P100-SXM2-16GB")));
+        assert_eq!(info.packages, 2);
+        assert_eq!(info.l3.len(), 8, "POWER8 has an L3 region per core");
+        assert!(info.l3.iter().all(|c| c.len() == 2));
+    }
+
+    #[test]
+    fn display_devices_are_not_gpus() {
+        // An NVIDIA Tesla (cuda0 beside a DRM card0) and an AMD Radeon seen
+        // through OpenCL, both behind the second socket's PCI bridge.
+        let Some(info) = load("32em64t-2n8c2t-pci-normalio.xml") else { return };
+        check_consistent(&info);
+        let names: Vec<&str> = info.gpus.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["cuda0", "opencl0d1"]);
+        assert!(info.gpus.iter().all(|g| g.numa == Some(1)), "{:?}", info.gpus);
+        // Only a DRM card0 on a server VGA chip: no GPU.
+        let Some(info) = load("96em64t-4n4d3ca2co-pci.xml") else { return };
+        check_consistent(&info);
+        assert!(info.gpus.is_empty(), "{:?}", info.gpus);
+    }
+
+    #[test]
+    fn packages_and_l3_caches_as_pu_sets() {
+        let Some(info) = load("16em64t-4s2c2t.xml") else { return };
+        check_consistent(&info);
+        assert_eq!(info.package_pus.len(), 4);
+        assert_eq!(info.l3.len(), 4, "one L3 per socket");
+        assert!(info.l3.iter().all(|c| c.len() == 4));
+        assert!(info.gpus.is_empty());
+        let Some(info) = load("192em64t-24n8c2t.xml") else { return };
+        assert_eq!(info.package_pus.len(), 24);
+        assert_eq!(info.l3.len(), 24);
+        assert!(info.l3.iter().all(|c| c.len() == 16));
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub use ids::{ArrayIndices, IndexRange, JobRef, ParseJobRefError, TaskId};
 pub use msg::*;
 
 /// Version of the protocol spoken by this build. Peers must match exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: [`NodeInfo`] gained `package_pus`, `l3` and `gpus`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Magic number at the start of every [`Hello`], so that a stray peer (an HTTP
 /// client, a port scanner) is recognised at once.

@@ -45,7 +45,11 @@ pub enum Role {
 // Resources and topology
 
 /// A node's hardware as the agent discovered it (hwloc).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Fields after `limits` were added with protocol version 2; [`Default`] gives
+/// an empty node, so that code building one can name only what it knows
+/// (`NodeInfo { cores, ..Default::default() }`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// Host name of the node.
     pub hostname: String,
@@ -60,6 +64,15 @@ pub struct NodeInfo {
     /// Which resource limits this agent can enforce, in words (e.g. "cgroup v1"),
     /// or why it cannot.
     pub limits: String,
+    /// Processor packages (sockets), each as the OS indices of its PUs.
+    /// Empty when unknown.
+    pub package_pus: Vec<Vec<u32>>,
+    /// L3 caches, each as the OS indices of the PUs sharing it. Empty when the
+    /// machine has no L3 cache or hwloc does not know it.
+    pub l3: Vec<Vec<u32>>,
+    /// GPUs, one per physical device, in PCI bus order. Their position in
+    /// this list is the GPU index the scheduler allocates.
+    pub gpus: Vec<GpuInfo>,
 }
 
 impl NodeInfo {
@@ -70,7 +83,7 @@ impl NodeInfo {
 }
 
 /// One NUMA node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NumaNode {
     /// OS index of the NUMA node.
     pub os_index: u32,
@@ -78,6 +91,22 @@ pub struct NumaNode {
     pub pus: Vec<u32>,
     /// Local memory in bytes.
     pub memory: u64,
+}
+
+/// One GPU (a physical device, however many APIs such as CUDA, NVML or
+/// OpenCL expose it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// The device's name in its preferred API, e.g. `cuda0` (CUDA), else
+    /// `nvml0`, `rsmi0`, `opencl0d0`.
+    pub name: String,
+    /// The model, e.g. `Tesla P100-SXM2-16GB`, when known.
+    pub model: Option<String>,
+    /// PCI bus id (`domain:bus:device.function`), when the device is on PCI.
+    pub pci: Option<String>,
+    /// OS index of the NUMA node the device is local to; `None` when it is
+    /// attached to several NUMA nodes or its locality is unknown.
+    pub numa: Option<u32>,
 }
 
 /// Resources a job asks for (`qsub -l`).

@@ -6,18 +6,37 @@
 //! carry out. The same core runs in the server and can be replayed in a
 //! simulator.
 //!
-//! Policy (for now): strict FIFO in submission order with first-fit onto whole
-//! free cores. A job that is held or waits on a dependency is skipped; the
-//! first eligible job that does not fit stops the pass, so large jobs are not
-//! starved by small ones behind them.
+//! Jobs that may start (not held, dependencies met) wait in a queue
+//! (`queue.rs`) kept in the order the [`Policy`] gives: submission order,
+//! shortest walltime first, or multifactor priority (fair share from
+//! [`fairshare`], age, job size, explicit priority; see [`policy`]). A pass
+//! after every event (`pass.rs`) starts tasks in that order; under every
+//! policy but `fcfs` the first job that does not fit gets a reservation and
+//! later jobs are backfilled around it (`backfill.rs`). An array is one record
+//! with a cursor over its index ranges: a task costs memory only once it
+//! starts. [`Core::sanity_check`] (`invariants.rs`) walks every invariant.
+//!
+//! `docs/scheduling.md` describes the policies, their settings and the
+//! simulator.
 
+mod backfill;
+pub mod fairshare;
+mod invariants;
+mod pass;
+pub mod policy;
+mod queue;
 pub mod resources;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use picloud_proto::{ArrayIndices, DependKind, JobRef, TaskId};
 
+pub use fairshare::FairShare;
+pub use policy::{CoreConfig, ParsePolicyError, Policy, PriorityFactors, PriorityWeights};
 pub use resources::{Allocation, NodeAllocation, NodeId, NodeShape, Placement, ResourceRequest, Resources};
+
+use backfill::NodeTable;
+use queue::{Queue, QueueEntry, QueueKey};
 
 /// Milliseconds on the caller's clock. The core never reads a clock itself.
 pub type Millis = u64;
@@ -55,6 +74,9 @@ pub enum Event {
     Cancel(JobRef),
     /// A user released a held job.
     Release(JobRef),
+    /// A user held a job: none of its tasks starts until it is released;
+    /// running ones continue. Holding one array task holds the whole array.
+    Hold(JobRef),
     /// A node offers its resources.
     NodeJoined {
         /// Node.
@@ -64,6 +86,9 @@ pub enum Event {
     },
     /// A node is gone; whatever ran there is lost.
     NodeLost(NodeId),
+    /// A node is being drained: it takes no new tasks, the running ones
+    /// continue, and it is removed once they have ended.
+    NodeLeft(NodeId),
     /// A task ended; `success` is exit status 0.
     TaskFinished {
         /// Task.
@@ -71,7 +96,7 @@ pub enum Event {
         /// Whether it succeeded.
         success: bool,
     },
-    /// Time passed.
+    /// Time passed; multifactor priorities are recomputed.
     Tick,
 }
 
@@ -132,27 +157,34 @@ pub enum Phase {
     Unknown,
 }
 
+/// A job or array not yet done.
 #[derive(Debug)]
 struct Job {
     request: Request,
     held: bool,
     /// Dependencies not yet satisfied.
     waiting_on: Vec<(DependKind, JobRef)>,
-    /// Next array index to consider, as a position in the index iterator
-    /// (0 or 1 for a plain job).
+    /// Next array index to start, as a position in the index order (0 or 1 for
+    /// a plain job). The index at the cursor is never in `skipped`.
     cursor: u64,
     /// Total tasks.
     total: u64,
-    /// Unstarted array indices cancelled individually.
+    /// Unstarted array indices cancelled individually (all beyond the cursor).
     skipped: BTreeSet<u32>,
-    /// Tasks started and still running, with what they hold.
-    running: BTreeMap<Option<u32>, Allocation>,
+    /// Tasks started and still running.
+    running: u64,
     /// Tasks ended so far.
     ended: u64,
     /// Whether any task failed (non-zero exit, cancelled, never ran).
     any_failed: bool,
     /// Ended tasks of arrays that others depend on individually, with success.
-    task_outcomes: HashMap<u32, bool>,
+    task_outcomes: BTreeMap<u32, bool>,
+    /// When it last became eligible (entered the queue), for the age factor.
+    eligible_since: Millis,
+    /// Multifactor priority as last computed.
+    priority: u64,
+    /// Its key while it is in the queue.
+    queued: Option<QueueKey>,
 }
 
 impl Job {
@@ -163,24 +195,178 @@ impl Job {
     fn is_done(&self) -> bool {
         self.ended == self.total
     }
+
+    /// Whether a task of it may start now.
+    fn is_eligible(&self) -> bool {
+        !self.held && self.waiting_on.is_empty() && self.cursor < self.total
+    }
+
+    /// The task at the cursor.
+    fn next_task(&self) -> Option<Option<u32>> {
+        if self.cursor >= self.total {
+            return None;
+        }
+        Some(self.request.array.as_ref().map(|a| nth_index(a, self.cursor)))
+    }
+
+    /// Moves the cursor past the task just started and any cancelled ones.
+    fn advance(&mut self) {
+        self.cursor += 1;
+        self.skip_cancelled();
+    }
+
+    /// Moves the cursor past cancelled indices.
+    fn skip_cancelled(&mut self) {
+        if self.skipped.is_empty() {
+            return;
+        }
+        while let Some(Some(i)) = self.next_task() {
+            if !self.skipped.remove(&i) {
+                break;
+            }
+            self.cursor += 1;
+        }
+    }
+
+    /// Cores one task takes over all its chunks.
+    fn task_cores(&self) -> u64 {
+        u64::from(self.request.resources.cores) * u64::from(self.request.resources.chunks)
+    }
+
+    /// The walltime a task is planned with: requested, else the default.
+    fn walltime(&self, config: &CoreConfig) -> Millis {
+        self.request.walltime.unwrap_or(config.default_walltime)
+    }
+
+    /// Its multifactor priority factors at `now`.
+    fn factors(
+        &self,
+        config: &CoreConfig,
+        fair_share: &FairShare,
+        cluster_cores: u64,
+        now: Millis,
+    ) -> PriorityFactors {
+        PriorityFactors::compute(
+            config,
+            now.saturating_sub(self.eligible_since),
+            fair_share.factor(self.request.user, now),
+            self.task_cores(),
+            cluster_cores,
+            self.walltime(config),
+            self.request.priority,
+        )
+    }
+
+    /// Its rank in the queue under the policy (lower first), from its
+    /// stored priority.
+    fn rank(&self, config: &CoreConfig) -> u64 {
+        match config.policy {
+            Policy::Fcfs | Policy::Easy => 0,
+            Policy::SjfEasy => self.walltime(config),
+            Policy::Multifactor => u64::MAX - self.priority,
+        }
+    }
 }
 
-/// The scheduling state.
+/// A task that runs.
+#[derive(Debug)]
+struct RunningTask {
+    allocation: Allocation,
+    /// Its job's user, for fair share.
+    user: u32,
+    /// Cores it holds, over all nodes.
+    cores: u64,
+    /// When it is expected to end: start + walltime (requested or default).
+    expected_end: Millis,
+}
+
+/// Running tasks by id.
 #[derive(Debug, Default)]
+struct Running {
+    tasks: BTreeMap<TaskId, RunningTask>,
+}
+
+impl Running {
+    fn insert(&mut self, task: TaskId, running: RunningTask) {
+        let old = self.tasks.insert(task, running);
+        debug_assert!(old.is_none(), "{task:?} started twice");
+    }
+
+    fn remove(&mut self, task: &TaskId) -> Option<RunningTask> {
+        self.tasks.remove(task)
+    }
+
+    /// Running tasks of job `seq`.
+    fn of_job(&self, seq: u64) -> impl Iterator<Item = (&TaskId, &RunningTask)> + '_ {
+        self.tasks.range(TaskId { seq, index: None }..=TaskId { seq, index: Some(u32::MAX) })
+    }
+}
+
+/// The scheduling state. See the module documentation.
+#[derive(Debug)]
 pub struct Core {
+    config: CoreConfig,
     nodes: Resources,
-    /// Jobs not yet done, by sequence number (FIFO order).
+    /// Sizes and free resources of the nodes, for planning reservations.
+    table: NodeTable,
+    /// Nodes that left: no new tasks; removed once idle.
+    draining: BTreeSet<NodeId>,
+    /// Cores of every node, for the job-size factor.
+    cluster_cores: u64,
+    /// Jobs not yet done, by sequence number.
     jobs: BTreeMap<u64, Job>,
+    /// Eligible jobs in scheduling order.
+    queue: Queue,
+    running: Running,
     /// Outcome of every finished job: `true` when every task succeeded.
     finished: HashMap<u64, bool>,
     /// Jobs waiting on a job, by the job waited on.
     dependents: HashMap<u64, Vec<u64>>,
+    fair_share: FairShare,
+    /// The latest time seen; time never goes back for the core.
+    now: Millis,
+    /// When priorities were last recomputed.
+    last_recompute: Millis,
+    /// The reservation made by the last pass: (job, shadow time).
+    reservation: Option<(u64, Millis)>,
+}
+
+impl Default for Core {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Core {
-    /// An empty core with no nodes.
+    /// An empty core with no nodes and the default configuration
+    /// ([`Policy::Multifactor`]).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_config(CoreConfig::default())
+    }
+
+    /// An empty core with no nodes.
+    pub fn with_config(config: CoreConfig) -> Self {
+        Self {
+            fair_share: FairShare::new(config.usage_half_life),
+            config,
+            nodes: Resources::new(),
+            table: NodeTable::default(),
+            draining: BTreeSet::new(),
+            cluster_cores: 0,
+            jobs: BTreeMap::new(),
+            queue: Queue::default(),
+            running: Running::default(),
+            finished: HashMap::new(),
+            dependents: HashMap::new(),
+            now: 0,
+            last_recompute: 0,
+            reservation: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
     }
 
     /// Checks that some node could ever run `request`. With no node known yet
@@ -190,19 +376,28 @@ impl Core {
     }
 
     /// Applies one event at time `now`, appending decisions to `out`.
-    pub fn apply(&mut self, event: Event, _now: Millis, out: &mut Vec<Decision>) {
+    ///
+    /// Time never goes back for the core: an earlier `now` than one seen
+    /// before counts as the latest one.
+    pub fn apply(&mut self, event: Event, now: Millis, out: &mut Vec<Decision>) {
+        let now = now.max(self.now);
+        self.now = now;
+        let tick = matches!(event, Event::Tick);
         match event {
             Event::Submit { seq, request } => self.submit(seq, request, out),
             Event::Cancel(target) => self.cancel(target, out),
-            Event::Release(target) => {
-                if let Some(job) = self.jobs.get_mut(&target.seq()) {
-                    job.held = false;
-                }
-            }
-            Event::NodeJoined { node, shape } => self.nodes.add_node(node, shape),
+            Event::Release(target) => self.set_held(target.seq(), false),
+            Event::Hold(target) => self.set_held(target.seq(), true),
+            Event::NodeJoined { node, shape } => self.node_joined(node, shape, out),
             Event::NodeLost(node) => self.node_lost(node, out),
+            Event::NodeLeft(node) => self.node_left(node),
             Event::TaskFinished { task, success } => self.task_finished(task, success, out),
             Event::Tick => {}
+        }
+        if self.config.policy == Policy::Multifactor
+            && (tick || now >= self.last_recompute.saturating_add(self.config.recompute_interval))
+        {
+            self.recompute_priorities();
         }
         self.schedule(out);
     }
@@ -242,7 +437,101 @@ impl Core {
         &self.nodes
     }
 
+    /// Number of jobs in the queue (eligible, with a task left to start).
+    pub fn queued_jobs(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Number of tasks running.
+    pub fn running_tasks(&self) -> usize {
+        self.running.tasks.len()
+    }
+
+    /// Queued jobs in the order the next pass considers them.
+    pub fn queue_order(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue.iter().map(|(k, _)| k.seq)
+    }
+
+    /// The reservation the last pass made, as (job, shadow time): the job
+    /// will start by then if every task ends by its walltime.
+    pub fn reservation(&self) -> Option<(u64, Millis)> {
+        self.reservation
+    }
+
+    /// The multifactor priority of a job as last computed (0 under other
+    /// policies, or for a job not queued since it was submitted).
+    pub fn priority(&self, seq: u64) -> Option<u64> {
+        self.jobs.get(&seq).map(|j| j.priority)
+    }
+
+    /// A job's priority factors now (what Slurm's `sprio` shows).
+    pub fn priority_factors(&self, seq: u64) -> Option<PriorityFactors> {
+        let job = self.jobs.get(&seq)?;
+        Some(self.factors_of(job))
+    }
+
+    /// A user's decayed usage in core-seconds at the latest time seen.
+    pub fn usage(&self, user: u32) -> f64 {
+        self.fair_share.usage(user, self.now)
+    }
+
+    fn factors_of(&self, job: &Job) -> PriorityFactors {
+        job.factors(&self.config, &self.fair_share, self.cluster_cores, self.now)
+    }
+
+    /// Puts `seq` into the queue or takes it out, as its state says.
+    fn update_queue(&mut self, seq: u64) {
+        let Core { jobs, queue, config, fair_share, cluster_cores, now, .. } = self;
+        let Some(job) = jobs.get_mut(&seq) else { return };
+        match (job.is_eligible(), job.queued) {
+            (true, None) => {
+                job.eligible_since = *now;
+                if config.policy == Policy::Multifactor {
+                    job.priority =
+                        job.factors(config, fair_share, *cluster_cores, *now).priority(&config.weights);
+                }
+                let key = QueueKey { rank: job.rank(config), seq };
+                job.queued = Some(key);
+                queue.insert(key, QueueEntry { cores: job.task_cores(), walltime: job.walltime(config) });
+            }
+            (false, Some(key)) => {
+                queue.remove(&key);
+                job.queued = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Recomputes every queued job's priority and reorders the queue.
+    fn recompute_priorities(&mut self) {
+        self.last_recompute = self.now;
+        self.fair_share.accrue_all(self.now);
+        let seqs: Vec<u64> = self.queue.iter().map(|(k, _)| k.seq).collect();
+        for seq in seqs {
+            let priority = self.factors_of(&self.jobs[&seq]).priority(&self.config.weights);
+            self.jobs.get_mut(&seq).expect("queued job exists").priority = priority;
+        }
+        let (jobs, config) = (&mut self.jobs, &self.config);
+        self.queue.rebuild(|old| {
+            let job = jobs.get_mut(&old.seq).expect("queued job exists");
+            let key = QueueKey { rank: job.rank(config), seq: old.seq };
+            job.queued = Some(key);
+            key
+        });
+    }
+
+    fn set_held(&mut self, seq: u64, held: bool) {
+        if let Some(job) = self.jobs.get_mut(&seq) {
+            job.held = held;
+            self.update_queue(seq);
+        }
+    }
+
     fn submit(&mut self, seq: u64, request: Request, out: &mut Vec<Decision>) {
+        if self.jobs.contains_key(&seq) || self.finished.contains_key(&seq) {
+            return; // a sequence number is used once
+        }
+        self.fair_share.add_user(request.user, self.now);
         let total = request.array.as_ref().map_or(1, ArrayIndices::len);
         let mut job = Job {
             held: request.hold,
@@ -250,10 +539,13 @@ impl Core {
             cursor: 0,
             total,
             skipped: BTreeSet::new(),
-            running: BTreeMap::new(),
+            running: 0,
             ended: 0,
             any_failed: false,
-            task_outcomes: HashMap::new(),
+            task_outcomes: BTreeMap::new(),
+            eligible_since: self.now,
+            priority: 0,
+            queued: None,
             request,
         };
         let mut never = None;
@@ -273,6 +565,8 @@ impl Core {
         self.jobs.insert(seq, job);
         if let Some(why) = never {
             self.end_unstarted(seq, EndReason::DependencyNeverSatisfied(why), out);
+        } else {
+            self.update_queue(seq);
         }
     }
 
@@ -291,22 +585,28 @@ impl Core {
 
     fn cancel(&mut self, target: JobRef, out: &mut Vec<Decision>) {
         let seq = target.seq();
-        let Some(job) = self.jobs.get_mut(&seq) else { return };
+        if !self.jobs.contains_key(&seq) {
+            return;
+        }
         match target {
             JobRef::Task(_, i) => {
-                if let Some(alloc) = job.running.get(&Some(i)) {
-                    let nodes = alloc.nodes.iter().map(|a| a.node).collect();
-                    out.push(Decision::Kill { task: TaskId { seq, index: Some(i) }, nodes });
+                let task = TaskId { seq, index: Some(i) };
+                if let Some(running) = self.running.tasks.get(&task) {
+                    let nodes = running.allocation.nodes.iter().map(|a| a.node).collect();
+                    out.push(Decision::Kill { task, nodes });
                 } else if self.is_unstarted(seq, i) {
-                    self.jobs.get_mut(&seq).expect("present").skipped.insert(i);
+                    let job = self.jobs.get_mut(&seq).expect("present");
+                    job.skipped.insert(i);
+                    job.skip_cancelled();
+                    self.update_queue(seq);
                     out.push(Decision::End { seq, index: Some(i), reason: EndReason::Cancelled });
                     self.tasks_ended(seq, 1, Some(i), false, out);
                 }
             }
             JobRef::Job(_) | JobRef::Array(_) => {
-                for (&index, alloc) in &job.running {
-                    let nodes = alloc.nodes.iter().map(|a| a.node).collect();
-                    out.push(Decision::Kill { task: TaskId { seq, index }, nodes });
+                for (&task, running) in self.running.of_job(seq) {
+                    let nodes = running.allocation.nodes.iter().map(|a| a.node).collect();
+                    out.push(Decision::Kill { task, nodes });
                 }
                 self.end_unstarted(seq, EndReason::Cancelled, out);
             }
@@ -319,6 +619,7 @@ impl Core {
         let remaining = job.unstarted() - job.skipped.len() as u64;
         job.cursor = job.total;
         job.skipped.clear();
+        self.update_queue(seq);
         if remaining == 0 {
             return;
         }
@@ -326,34 +627,90 @@ impl Core {
         self.tasks_ended(seq, remaining, None, false, out);
     }
 
+    fn node_joined(&mut self, node: NodeId, shape: NodeShape, out: &mut Vec<Decision>) {
+        if let Some(old) = self.nodes.shape(node) {
+            if self.draining.contains(&node) && *old == shape {
+                // A draining node came back as it was: it takes tasks again.
+                self.draining.remove(&node);
+                self.table.set_usable(node, true);
+                return;
+            }
+            // Anything else running there is gone with the old node.
+            self.node_lost(node, out);
+        }
+        self.cluster_cores += u64::from(shape.cores());
+        self.table.add(node, &shape);
+        self.nodes.add_node(node, shape);
+    }
+
+    fn remove_node(&mut self, node: NodeId) {
+        if let Some(shape) = self.nodes.shape(node) {
+            self.cluster_cores -= u64::from(shape.cores());
+        }
+        self.nodes.remove_node(node);
+        self.table.remove(node);
+        self.draining.remove(&node);
+    }
+
+    fn node_left(&mut self, node: NodeId) {
+        if self.nodes.shape(node).is_none() {
+            return;
+        }
+        self.draining.insert(node);
+        self.table.set_usable(node, false);
+        self.remove_if_drained(node);
+    }
+
+    /// Removes a draining node once nothing runs on it.
+    fn remove_if_drained(&mut self, node: NodeId) {
+        if !self.draining.contains(&node) {
+            return;
+        }
+        let idle = match (self.nodes.shape(node), self.nodes.node_free(node)) {
+            (Some(shape), Some((cores, mem, _))) => cores == shape.cores() && mem == shape.memory(),
+            _ => true,
+        };
+        if idle {
+            self.remove_node(node);
+        }
+    }
+
     fn node_lost(&mut self, node: NodeId, out: &mut Vec<Decision>) {
         let lost: Vec<TaskId> = self
-            .jobs
+            .running
+            .tasks
             .iter()
-            .flat_map(|(&seq, job)| {
-                job.running
-                    .iter()
-                    .filter(move |(_, alloc)| alloc.nodes.iter().any(|a| a.node == node))
-                    .map(move |(&index, _)| TaskId { seq, index })
-            })
+            .filter(|(_, r)| r.allocation.nodes.iter().any(|a| a.node == node))
+            .map(|(&task, _)| task)
             .collect();
-        self.nodes.remove_node(node);
+        self.remove_node(node);
         for task in lost {
-            if let Some(alloc) = self.jobs.get_mut(&task.seq).and_then(|job| job.running.remove(&task.index))
-            {
-                // Whatever it held on other nodes is free again.
-                self.nodes.release(&alloc);
-            }
+            // Whatever it held on other nodes is free again.
+            self.stop_task(task);
             out.push(Decision::End { seq: task.seq, index: task.index, reason: EndReason::NodeLost });
             self.tasks_ended(task.seq, 1, task.index, false, out);
         }
     }
 
+    /// Takes a task out of the running set and returns its resources.
+    fn stop_task(&mut self, task: TaskId) -> bool {
+        let Some(running) = self.running.remove(&task) else { return false };
+        self.nodes.release(&running.allocation);
+        self.table.give_back(task, running.expected_end, &running.allocation);
+        self.fair_share.change_running(running.user, -(running.cores as i64), self.now);
+        if let Some(job) = self.jobs.get_mut(&task.seq) {
+            job.running -= 1;
+        }
+        for a in &running.allocation.nodes {
+            self.remove_if_drained(a.node);
+        }
+        true
+    }
+
     fn task_finished(&mut self, task: TaskId, success: bool, out: &mut Vec<Decision>) {
-        let Some(job) = self.jobs.get_mut(&task.seq) else { return };
-        let Some(alloc) = job.running.remove(&task.index) else { return };
-        self.nodes.release(&alloc);
-        self.tasks_ended(task.seq, 1, task.index, success, out);
+        if self.stop_task(task) {
+            self.tasks_ended(task.seq, 1, task.index, success, out);
+        }
     }
 
     /// Records that `n` tasks of `seq` ended (`index`: the one array task, when
@@ -376,6 +733,9 @@ impl Core {
             return;
         }
         let job = self.jobs.remove(&seq).expect("checked above");
+        if let Some(key) = job.queued {
+            self.queue.remove(&key);
+        }
         self.finished.insert(seq, !job.any_failed);
         self.wake_dependents(seq, out);
     }
@@ -408,46 +768,14 @@ impl Core {
             self.jobs.get_mut(&dep).expect("present").waiting_on = pending;
             if let Some(why) = never {
                 self.end_unstarted(dep, EndReason::DependencyNeverSatisfied(why), out);
+            } else {
+                self.update_queue(dep);
             }
         }
         if still.is_empty() {
             self.dependents.remove(&seq);
         } else {
             self.dependents.insert(seq, still);
-        }
-    }
-
-    /// Starts what fits, in FIFO order.
-    fn schedule(&mut self, out: &mut Vec<Decision>) {
-        if self.nodes.free_cores() == 0 {
-            return;
-        }
-        for (&seq, job) in self.jobs.iter_mut() {
-            if job.held || !job.waiting_on.is_empty() || job.unstarted() == 0 {
-                continue;
-            }
-            while job.cursor < job.total {
-                let index = match &job.request.array {
-                    None => None,
-                    Some(a) => {
-                        let i = nth_index(a, job.cursor);
-                        if job.skipped.remove(&i) {
-                            job.cursor += 1;
-                            continue;
-                        }
-                        Some(i)
-                    }
-                };
-                let Some(allocation) = self.nodes.allocate(&job.request.resources) else {
-                    return; // strict FIFO: nothing behind the first job that does not fit
-                };
-                job.cursor += 1;
-                job.running.insert(index, allocation.clone());
-                out.push(Decision::Start { task: TaskId { seq, index }, allocation });
-                if self.nodes.free_cores() == 0 {
-                    return;
-                }
-            }
         }
     }
 }

@@ -1,5 +1,6 @@
-//! One connection of the server: a non-blocking stream, the frames read so far
-//! and the bytes waiting to be written.
+//! One connection of the I/O thread: a non-blocking stream, the frames read
+//! so far, the bytes waiting to be written, and whether a client request is
+//! being answered elsewhere (on the core or the query thread).
 
 use std::io::{self, Write};
 
@@ -8,7 +9,7 @@ use mio::{Interest, Registry, Token};
 use picloud_proto::FrameReader;
 use serde::Serialize;
 
-use crate::core::NodeId;
+use super::Caller;
 
 /// A Unix or TCP stream.
 #[derive(Debug)]
@@ -49,14 +50,14 @@ impl io::Write for Stream {
 }
 
 /// Who is at the other end.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Peer {
     /// Handshake not done yet.
     Pending,
     /// A client, identified by the kernel (`SO_PEERCRED`).
-    Client { uid: u32, gid: u32, user: String },
-    /// A node agent.
-    Agent(NodeId),
+    Client(Caller),
+    /// A node agent (the core thread knows its node by the connection).
+    Agent,
 }
 
 /// A connection.
@@ -71,6 +72,12 @@ pub(crate) struct Conn {
     written: usize,
     /// Close once everything queued is written.
     pub(crate) closing: bool,
+    /// A client request was handed on and its reply has not come back: the
+    /// next frame waits, so that replies leave in request order and a query
+    /// sees the effects of every earlier request of its connection.
+    pub(crate) in_flight: bool,
+    /// The core thread has heard of this connection (and must hear of its end).
+    pub(crate) known_to_core: bool,
     /// Whether WRITABLE interest is registered.
     want_write: bool,
 }
@@ -85,6 +92,8 @@ impl Conn {
             out: Vec::new(),
             written: 0,
             closing: false,
+            in_flight: false,
+            known_to_core: false,
             want_write: false,
         }
     }
@@ -100,6 +109,15 @@ impl Conn {
     /// Queues one message.
     pub(crate) fn send<T: Serialize>(&mut self, msg: &T) {
         picloud_proto::frame::encode_into(msg, &mut self.out);
+    }
+
+    /// Queues bytes of whole frames encoded elsewhere.
+    pub(crate) fn push_bytes(&mut self, bytes: Vec<u8>) {
+        if self.out.is_empty() {
+            self.out = bytes;
+        } else {
+            self.out.extend_from_slice(&bytes);
+        }
     }
 
     pub(crate) fn has_output(&self) -> bool {

@@ -1,16 +1,40 @@
 //! The server's record of every job: what was submitted, which tasks started
 //! where, how each ended. The core decides; this table remembers, and answers
 //! `qstat` with [`JobInfo`]s.
+//!
+//! The table is a persistent (structurally shared) map, so that the core
+//! thread can publish it to query threads after every batch in O(1) and keep
+//! changing its own copy at O(log n) per change:
+//!
+//! 1. [`JobTable`] is an [`imbl::OrdMap`] from sequence number to
+//!    `Arc<JobRecord>`; a job's task records are again an `OrdMap` of
+//!    `Arc<TaskRecord>`, and its submission (script, environment) sits in an
+//!    `Arc<JobSpec>` that no change ever copies.
+//! 2. Publishing clones the map: one reference count on its root.
+//! 3. The first change to a job after a publish copies the path from the root
+//!    to that job (`OrdMap::get_mut`, nodes of at most 16 entries, see imbl's
+//!    `ORD_CHUNK_SIZE`) and the job record itself ([`Arc::make_mut`]: a few
+//!    scalars and reference counts); a changed task record is copied the same
+//!    way inside the job. Later changes in the same batch find the copies
+//!    unshared and change them in place.
+//!
+//! So a batch costs O(changes × log n) whatever the number of jobs, and a
+//! snapshot held by a slow `qstat` costs only the nodes changed since.
+//!
+//! Nothing here reads the scheduling core: where a job stands in the queue
+//! ([`Phase`]) is copied into its record by the core thread after each batch,
+//! so that a published record answers queries on its own.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::Arc;
 
 use picloud_proto::{
     ArrayCounts, DependKind, JobInfo, JobRef, JobSpec, JobSpecSummary, JobState, JoinStreams, ResourcesUsed,
     TaskEnd, TaskId,
 };
 
-use crate::core::{Core, EndReason, NodeId, Phase};
+use crate::core::{EndReason, NodeId, Phase};
 
 /// PBS exit status of a deleted job: signal 9 plus 256, as PBS Pro reports it.
 pub const EXIT_CANCELLED: i32 = 256 + 9;
@@ -50,50 +74,56 @@ impl TaskRecord {
     }
 }
 
-/// One submitted job or array.
-#[derive(Debug)]
+/// One submitted job or array. Cheap to clone: the submission is shared and
+/// the task records are a persistent map.
+#[derive(Debug, Clone)]
 pub(crate) struct JobRecord {
     pub(crate) seq: u64,
-    pub(crate) spec: JobSpec,
-    pub(crate) user: String,
+    pub(crate) spec: Arc<JobSpec>,
+    pub(crate) user: Arc<str>,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) ctime: u64,
+    /// Where the job stands in the core's queue, as of the last batch.
+    pub(crate) phase: Phase,
     /// Tasks that started or ended individually (key `None` for a plain job).
-    pub(crate) tasks: BTreeMap<Option<u32>, TaskRecord>,
+    pub(crate) tasks: imbl::OrdMap<Option<u32>, Arc<TaskRecord>>,
     /// How the array tasks that never started ended, when they ended together.
-    pub(crate) rest_ended: Option<TaskRecord>,
+    pub(crate) rest_ended: Option<Arc<TaskRecord>>,
     pub(crate) total: u64,
     pub(crate) ended: u64,
     pub(crate) running: u64,
     /// When the last task ended (Unix seconds).
     pub(crate) finished_at: Option<u64>,
-    /// Agents that hold this job's definition.
-    pub(crate) defined_on: Vec<NodeId>,
 }
 
 impl JobRecord {
-    pub(crate) fn new(seq: u64, spec: JobSpec, user: String, uid: u32, gid: u32, now: u64) -> Self {
+    pub(crate) fn new(seq: u64, spec: JobSpec, user: Arc<str>, uid: u32, gid: u32, now: u64) -> Self {
         let total = spec.array.as_ref().map_or(1, |a| a.len());
         JobRecord {
             seq,
-            spec,
+            spec: Arc::new(spec),
             user,
             uid,
             gid,
             ctime: now,
-            tasks: BTreeMap::new(),
+            phase: Phase::Unknown,
+            tasks: imbl::OrdMap::new(),
             rest_ended: None,
             total,
             ended: 0,
             running: 0,
             finished_at: None,
-            defined_on: Vec::new(),
         }
     }
 
     pub(crate) fn is_array(&self) -> bool {
         self.spec.array.is_some()
+    }
+
+    /// Held by a user or waiting on a dependency: shown as `H`.
+    pub(crate) fn is_held(&self) -> bool {
+        matches!(self.phase, Phase::Held | Phase::WaitingDependencies)
     }
 
     /// The id qsub printed: `12.srv` or `12[].srv`.
@@ -104,28 +134,38 @@ impl JobRecord {
     /// Records that `task` started on `node`.
     pub(crate) fn start(&mut self, index: Option<u32>, node: NodeId, cpus: Vec<u32>, now: u64) {
         self.running += 1;
-        self.tasks.insert(
-            index,
-            TaskRecord {
-                node: Some(node),
-                cpus,
-                stime: Some(now),
-                end_time: None,
-                exit_status: None,
-                comment: None,
-                used: ResourcesUsed::default(),
-                cancelled_by: None,
-            },
-        );
+        let rec = TaskRecord {
+            node: Some(node),
+            cpus,
+            stime: Some(now),
+            end_time: None,
+            exit_status: None,
+            comment: None,
+            used: ResourcesUsed::default(),
+            cancelled_by: None,
+        };
+        self.tasks.insert(index, Arc::new(rec));
+    }
+
+    /// Whether task `index` was started and has not ended.
+    pub(crate) fn is_running(&self, index: Option<u32>) -> bool {
+        self.tasks.get(&index).is_some_and(|t| !t.is_finished())
+    }
+
+    /// Records that a kill was sent for task `index` on behalf of `by`.
+    pub(crate) fn mark_cancelled(&mut self, index: Option<u32>, by: &str) {
+        if let Some(rec) = self.tasks.get_mut(&index) {
+            Arc::make_mut(rec).cancelled_by = Some(by.to_string());
+        }
     }
 
     /// Records an agent's report of a task's end. Returns whether the task
     /// counts as a success for dependencies, or `None` if the task was not running.
     pub(crate) fn finish(&mut self, end: &TaskEnd, now: u64) -> Option<bool> {
-        let rec = self.tasks.get_mut(&end.task.index)?;
-        if rec.is_finished() {
+        if !self.is_running(end.task.index) {
             return None;
         }
+        let rec = Arc::make_mut(self.tasks.get_mut(&end.task.index)?);
         let mut status = end.exit_status;
         let mut comment = end.comment.clone();
         if let Some(by) = &rec.cancelled_by {
@@ -165,12 +205,13 @@ impl JobRecord {
                 // Every array task not started yet.
                 // Tasks with a record started or ended on their own already.
                 self.ended += self.total - self.tasks.len() as u64;
-                self.rest_ended = Some(TaskRecord::ended(status, comment, now));
+                self.rest_ended = Some(Arc::new(TaskRecord::ended(status, comment, now)));
             }
             (index, _) => {
                 if let Some(rec) = self.tasks.get_mut(&index) {
                     if rec.exit_status.is_none() {
                         // A running task whose node was lost.
+                        let rec = Arc::make_mut(rec);
                         rec.exit_status = Some(status);
                         rec.comment = Some(comment);
                         rec.end_time = Some(now);
@@ -178,7 +219,7 @@ impl JobRecord {
                         self.ended += 1;
                     }
                 } else {
-                    self.tasks.insert(index, TaskRecord::ended(status, comment, now));
+                    self.tasks.insert(index, Arc::new(TaskRecord::ended(status, comment, now)));
                     self.ended += 1;
                 }
             }
@@ -193,9 +234,9 @@ impl JobRecord {
     }
 
     /// Whether `r` (which names this job) has ended.
-    pub(crate) fn ref_ended(&self, r: &JobRef, core: &Core) -> bool {
+    pub(crate) fn ref_ended(&self, r: &JobRef) -> bool {
         match *r {
-            JobRef::Task(_, i) => self.task_record(i, core).is_some_and(|t| t.is_finished()),
+            JobRef::Task(_, i) => self.task_record(i).is_some_and(|t| t.is_finished()),
             _ => self.finished_at.is_some(),
         }
     }
@@ -206,12 +247,16 @@ impl JobRecord {
     }
 
     /// The record of array task `i`, including one that ended with the rest.
-    fn task_record(&self, i: u32, core: &Core) -> Option<&TaskRecord> {
+    ///
+    /// A task without a record of its own never started and was not cancelled
+    /// alone (both leave a record). Once the unstarted rest has ended together
+    /// nothing more starts, so such a task is one of that rest.
+    fn task_record(&self, i: u32) -> Option<&TaskRecord> {
         if let Some(t) = self.tasks.get(&Some(i)) {
             return Some(t);
         }
-        if self.has_task(i) && !core.is_unstarted(self.seq, i) {
-            return self.rest_ended.as_ref();
+        if self.has_task(i) {
+            return self.rest_ended.as_deref();
         }
         None
     }
@@ -279,20 +324,20 @@ impl JobRecord {
         }
     }
 
+    fn queued_state(&self) -> JobState {
+        if self.is_held() { JobState::Held } else { JobState::Queued }
+    }
+
     /// What `qstat` shows of the job or array as a whole.
-    pub(crate) fn info(&self, server: &str, core: &Core, node_name: &dyn Fn(NodeId) -> String) -> JobInfo {
-        let queued_state = match core.phase(self.seq) {
-            Phase::Held | Phase::WaitingDependencies => JobState::Held,
-            _ => JobState::Queued,
-        };
+    pub(crate) fn info(&self, server: &str, node_name: &dyn Fn(NodeId) -> String) -> JobInfo {
         let (out, err) = self.output_paths(None);
         let mut info = JobInfo {
             id: self.id(server),
             task: TaskId { seq: self.seq, index: None },
             is_array: self.is_array(),
             spec: self.summary(server),
-            user: self.user.clone(),
-            state: queued_state,
+            user: self.user.to_string(),
+            state: self.queued_state(),
             exit_status: None,
             comment: None,
             exec_host: None,
@@ -335,20 +380,14 @@ impl JobRecord {
                 info.state = JobState::Begun;
             }
         } else if let Some(t) = self.tasks.get(&None) {
-            self.fill_task(&mut info, t, node_name);
+            fill_task(&mut info, t, node_name);
         }
         info
     }
 
     /// What `qstat -t` shows of array task `i`.
-    pub(crate) fn task_info(
-        &self,
-        i: u32,
-        server: &str,
-        core: &Core,
-        node_name: &dyn Fn(NodeId) -> String,
-    ) -> JobInfo {
-        let mut info = self.info(server, core, node_name);
+    pub(crate) fn task_info(&self, i: u32, server: &str, node_name: &dyn Fn(NodeId) -> String) -> JobInfo {
+        let mut info = self.info(server, node_name);
         info.id = format!("{}[{i}].{server}", self.seq);
         info.task.index = Some(i);
         info.is_array = false;
@@ -359,26 +398,160 @@ impl JobRecord {
         info.end_time = None;
         info.used = ResourcesUsed::default();
         (info.stdout_path, info.stderr_path) = self.output_paths(Some(i));
-        info.state = match core.phase(self.seq) {
-            Phase::Held | Phase::WaitingDependencies => JobState::Held,
-            _ => JobState::Queued,
-        };
-        if let Some(t) = self.task_record(i, core) {
-            self.fill_task(&mut info, t, node_name);
+        info.state = self.queued_state();
+        if let Some(t) = self.task_record(i) {
+            fill_task(&mut info, t, node_name);
         }
         info
     }
 
-    fn fill_task(&self, info: &mut JobInfo, t: &TaskRecord, node_name: &dyn Fn(NodeId) -> String) {
-        info.state = if t.is_finished() { JobState::Finished } else { JobState::Running };
-        info.exit_status = t.exit_status;
-        info.comment = t.comment.clone();
-        info.stime = t.stime;
-        info.end_time = t.end_time;
-        info.used = t.used;
-        info.cpus = t.cpus.clone();
-        info.exec_host = t
-            .node
-            .map(|n| format!("{}/{}*{}", node_name(n), t.cpus.first().copied().unwrap_or(0), t.cpus.len()));
+    /// What this job adds to the server's totals.
+    fn counts(&self) -> Counts {
+        if self.finished_at.is_some() {
+            return Counts { finished: 1, ..Counts::default() };
+        }
+        let mut c = Counts { running: self.running, ..Counts::default() };
+        if self.is_held() {
+            c.held = 1;
+        } else {
+            c.queued = self.total - self.ended - self.running;
+        }
+        c
+    }
+}
+
+fn fill_task(info: &mut JobInfo, t: &TaskRecord, node_name: &dyn Fn(NodeId) -> String) {
+    info.state = if t.is_finished() { JobState::Finished } else { JobState::Running };
+    info.exit_status = t.exit_status;
+    info.comment = t.comment.clone();
+    info.stime = t.stime;
+    info.end_time = t.end_time;
+    info.used = t.used;
+    info.cpus = t.cpus.clone();
+    info.exec_host =
+        t.node.map(|n| format!("{}/{}*{}", node_name(n), t.cpus.first().copied().unwrap_or(0), t.cpus.len()));
+}
+
+/// Totals over the job table, as `qstat -B` shows them: tasks queued (of jobs
+/// not held) and running, jobs held, jobs finished and still remembered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) queued: u64,
+    pub(crate) running: u64,
+    pub(crate) held: u64,
+    pub(crate) finished: u64,
+}
+
+impl Counts {
+    fn add(&mut self, c: Counts) {
+        self.queued += c.queued;
+        self.running += c.running;
+        self.held += c.held;
+        self.finished += c.finished;
+    }
+
+    fn sub(&mut self, c: Counts) {
+        self.queued -= c.queued;
+        self.running -= c.running;
+        self.held -= c.held;
+        self.finished -= c.finished;
+    }
+}
+
+/// The persistent map of jobs, as the core thread owns and publishes it.
+pub(crate) type JobMap = imbl::OrdMap<u64, Arc<JobRecord>>;
+
+/// Every job the server remembers, with totals kept up to date as jobs change.
+///
+/// Every change goes through [`JobTable::update`], which keeps [`Counts`] exact
+/// (so `qstat -B` costs O(1), not a walk over a million jobs) and notes when a
+/// job finishes, for [`JobTable::purge`].
+#[derive(Debug, Default)]
+pub(crate) struct JobTable {
+    map: JobMap,
+    counts: Counts,
+    /// Finished jobs as `(finished_at, seq)`, in the order they finished. The
+    /// times do not decrease unless the clock is stepped back, which only
+    /// delays a purge.
+    finished: VecDeque<(u64, u64)>,
+    /// Changed since [`JobTable::take_changed`].
+    changed: bool,
+}
+
+impl JobTable {
+    /// The job `seq`.
+    pub(crate) fn get(&self, seq: u64) -> Option<&JobRecord> {
+        self.map.get(&seq).map(|j| &**j)
+    }
+
+    /// The map, to publish (clone) or read.
+    pub(crate) fn map(&self) -> &JobMap {
+        &self.map
+    }
+
+    /// Totals over all jobs.
+    pub(crate) fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// Adds a new job.
+    pub(crate) fn insert(&mut self, job: JobRecord) {
+        debug_assert!(job.finished_at.is_none(), "a new job has not finished");
+        self.counts.add(job.counts());
+        if let Some(old) = self.map.insert(job.seq, Arc::new(job)) {
+            self.counts.sub(old.counts());
+        }
+        self.changed = true;
+    }
+
+    /// Changes job `seq` with `f`; `None` if there is no such job.
+    ///
+    /// Copies what a published snapshot still shares (see the module doc);
+    /// callers that may change nothing should check with [`JobTable::get`] first.
+    pub(crate) fn update<R>(&mut self, seq: u64, f: impl FnOnce(&mut JobRecord) -> R) -> Option<R> {
+        let job = Arc::make_mut(self.map.get_mut(&seq)?);
+        let before = job.counts();
+        let was_finished = job.finished_at.is_some();
+        let r = f(job);
+        self.counts.sub(before);
+        self.counts.add(job.counts());
+        if let (false, Some(t)) = (was_finished, job.finished_at) {
+            self.finished.push_back((t, seq));
+        }
+        self.changed = true;
+        Some(r)
+    }
+
+    /// Removes the jobs that finished at or before `cutoff` (Unix seconds);
+    /// returns their sequence numbers.
+    pub(crate) fn purge(&mut self, cutoff: u64) -> Vec<u64> {
+        let mut gone = Vec::new();
+        while let Some(&(t, seq)) = self.finished.front() {
+            if t > cutoff {
+                break;
+            }
+            self.finished.pop_front();
+            if let Some(job) = self.map.remove(&seq) {
+                self.counts.sub(job.counts());
+                gone.push(seq);
+            }
+        }
+        self.changed |= !gone.is_empty();
+        gone
+    }
+
+    /// Whether anything changed since the last call.
+    pub(crate) fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Totals recomputed from scratch, to check the running ones (tests).
+    #[cfg(test)]
+    pub(crate) fn recount(&self) -> Counts {
+        let mut c = Counts::default();
+        for job in self.map.values() {
+            c.add(job.counts());
+        }
+        c
     }
 }

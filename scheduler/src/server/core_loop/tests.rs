@@ -1,0 +1,434 @@
+//! Tests of the core thread through its channels: snapshot publication and
+//! versions, read-your-writes, per-agent batching, the running totals.
+//!
+//! Most tests play the I/O thread synchronously (`handle` then `end_batch`);
+//! the `stress_*` tests run the real loop on its own thread.
+
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, unbounded};
+use picloud_proto::{
+    ArrayIndices, DependKind, Dependency, JobCommand, JobInfo, JobSpec, JobState, JoinStreams, Resources,
+    StatRequest, TaskEnd, TaskId,
+};
+
+use super::*;
+
+const CLIENT: ConnId = ConnId(10);
+const AGENT: ConnId = ConnId(20);
+
+fn config() -> ServerConfig {
+    ServerConfig {
+        state_dir: std::env::temp_dir().join("picloud-core-loop-tests"),
+        name: "srv".into(),
+        tcp: None,
+        keep_finished: Duration::from_secs(3600),
+    }
+}
+
+fn caller() -> Caller {
+    Caller { uid: 1000, gid: 1000, user: "alice".into() }
+}
+
+fn spec(array: Option<&str>) -> JobSpec {
+    JobSpec {
+        name: "job".into(),
+        command: JobCommand::Argv(vec!["true".into()]),
+        workdir: "/tmp".into(),
+        env: vec![("HOME".into(), "/home/alice".into())],
+        stdout: None,
+        stderr: None,
+        join: JoinStreams::No,
+        queue: None,
+        account: None,
+        project: None,
+        hold: false,
+        resources: Resources::default(),
+        array: array.map(|a| ArrayIndices::parse(a).unwrap()),
+        depend: Vec::new(),
+        rerunnable: true,
+        priority: 0,
+        submit_host: "login".into(),
+        submit_args: String::new(),
+    }
+}
+
+fn node_info(cores: u32) -> NodeInfo {
+    NodeInfo {
+        hostname: "node1".into(),
+        cores: (0..cores).map(|c| vec![c]).collect(),
+        memory: 1 << 34,
+        ..Default::default()
+    }
+}
+
+fn request(request: ClientRequest) -> Inbound {
+    Inbound::Request { conn: CLIENT, caller: caller(), request }
+}
+
+fn submit(s: JobSpec) -> Inbound {
+    request(ClientRequest::Submit(Box::new(s)))
+}
+
+fn finished(seq: u64, index: Option<u32>, exit_status: i32) -> TaskEnd {
+    TaskEnd { task: TaskId { seq, index }, exit_status, comment: None, used: Default::default() }
+}
+
+/// What one batch sent, decoded.
+#[derive(Debug, Default)]
+struct Sent {
+    replies: Vec<(ServerReply, u64)>,
+    to_agent: Vec<ToAgent>,
+    stopped: bool,
+}
+
+/// A core loop driven synchronously, batch by batch.
+struct Harness {
+    core: CoreLoop,
+    out: Receiver<Outbound>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let (tx, rx) = unbounded();
+        Harness { core: CoreLoop::new(&config(), tx, || {}), out: rx }
+    }
+
+    fn with_agent(cores: u32) -> Self {
+        let mut h = Self::new();
+        h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(cores) }]);
+        h
+    }
+
+    fn batch(&mut self, msgs: Vec<Inbound>) -> Sent {
+        for m in msgs {
+            self.core.handle(m);
+        }
+        self.core.end_batch();
+        let mut sent = Sent::default();
+        for msg in self.out.try_iter() {
+            match msg {
+                Outbound::Send { conn, bytes, answers, version } => {
+                    let mut reader = picloud_proto::FrameReader::new();
+                    reader.push(&bytes);
+                    while let Some(p) = reader.next_payload().unwrap() {
+                        if conn == AGENT {
+                            sent.to_agent.push(picloud_proto::frame::decode(p).unwrap());
+                        } else {
+                            sent.replies.push((picloud_proto::frame::decode(p).unwrap(), version));
+                        }
+                    }
+                    let replies = if conn == AGENT { 0 } else { reader_count(&bytes) };
+                    assert_eq!(answers as usize, replies, "client frames are replies, agent frames are not");
+                }
+                Outbound::Stopped => sent.stopped = true,
+            }
+        }
+        sent
+    }
+
+    /// Submits and returns the sequence number and the reply's version.
+    fn submit(&mut self, s: JobSpec) -> (u64, u64) {
+        let sent = self.batch(vec![submit(s)]);
+        match &sent.replies[..] {
+            [(ServerReply::Submitted { seq, .. }, v)] => (*seq, *v),
+            other => panic!("expected one Submitted, got {other:?}"),
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.core.snapshots().load()
+    }
+
+    fn check_counts(&self) {
+        assert_eq!(self.core.jobs.counts(), self.core.jobs.recount(), "running totals drifted");
+    }
+}
+
+fn reader_count(bytes: &[u8]) -> usize {
+    let mut reader = picloud_proto::FrameReader::new();
+    reader.push(bytes);
+    std::iter::from_fn(|| reader.next_payload().unwrap().map(|_| ())).count()
+}
+
+fn stat(snap: &Snapshot, expand: bool) -> Vec<JobInfo> {
+    let req = StatRequest { include_finished: true, expand_arrays: expand, ..Default::default() };
+    match snap.answer(&ClientRequest::Stat(req)) {
+        Some(ServerReply::Jobs { jobs, .. }) => jobs,
+        other => panic!("expected jobs, got {other:?}"),
+    }
+}
+
+fn state_of(snap: &Snapshot, id: &str) -> JobState {
+    stat(snap, true).into_iter().find(|j| j.id == id).unwrap_or_else(|| panic!("{id} not listed")).state
+}
+
+fn starts(sent: &Sent) -> Vec<TaskId> {
+    sent.to_agent
+        .iter()
+        .flat_map(|m| match m {
+            ToAgent::Start(s) => s.iter().map(|s| s.task).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_reply_is_sent_after_the_snapshot_that_shows_it() {
+    let mut h = Harness::new();
+    assert_eq!(h.snapshot().version(), 0);
+    assert!(stat(&h.snapshot(), false).is_empty());
+    let (seq, version) = h.submit(spec(None));
+    let snap = h.snapshot();
+    assert_eq!(snap.version(), version, "the reply carries the version published with it");
+    assert!(version > 0);
+    let jobs = stat(&snap, false);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].task.seq, seq);
+    assert_eq!(jobs[0].state, JobState::Queued);
+}
+
+#[test]
+fn a_batch_that_changes_nothing_publishes_nothing() {
+    let mut h = Harness::new();
+    let (_, v) = h.submit(spec(None));
+    let sent = h.batch(vec![request(ClientRequest::Stat(StatRequest::default()))]);
+    assert_eq!(sent.replies.len(), 1);
+    assert_eq!(sent.replies[0].1, v, "a query answered by the core thread changes no version");
+    assert_eq!(h.snapshot().version(), v);
+    h.batch(Vec::new());
+    assert_eq!(h.snapshot().version(), v, "an empty batch (a timeout) publishes nothing");
+}
+
+#[test]
+fn one_batch_one_publication() {
+    let mut h = Harness::new();
+    let sent = h.batch((0..100).map(|_| submit(spec(None))).collect());
+    assert_eq!(sent.replies.len(), 100);
+    assert!(sent.replies.iter().all(|(_, v)| *v == 1), "all replies of the batch share one version");
+    assert_eq!(h.snapshot().version(), 1);
+    assert_eq!(h.snapshot().job_count(), 100);
+}
+
+#[test]
+fn a_held_snapshot_does_not_change() {
+    let mut h = Harness::new();
+    let (seq, _) = h.submit(spec(Some("1-4")));
+    let before = h.snapshot();
+    let sent = h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(2) }]);
+    assert_eq!(starts(&sent).len(), 2);
+    let after = h.snapshot();
+    let id = format!("{seq}[].srv");
+    assert_eq!(state_of(&before, &id), JobState::Queued);
+    assert_eq!(state_of(&before, &format!("{seq}[1].srv")), JobState::Queued);
+    assert_eq!(state_of(&after, &id), JobState::Begun);
+    assert_eq!(state_of(&after, &format!("{seq}[1].srv")), JobState::Running);
+    assert!(matches!(before.answer(&ClientRequest::Nodes), Some(ServerReply::Nodes(n)) if n.is_empty()));
+}
+
+#[test]
+fn starts_are_batched_per_agent_after_one_definition() {
+    let mut h = Harness::with_agent(4);
+    let sent = h.batch(vec![submit(spec(Some("1-10")))]);
+    let seq = match &sent.replies[..] {
+        [(ServerReply::Submitted { seq, .. }, _)] => *seq,
+        other => panic!("{other:?}"),
+    };
+    // The submit's batch carries the definition, then four starts in one frame.
+    assert_eq!(sent.to_agent.len(), 2, "{:?}", sent.to_agent);
+    assert!(matches!(&sent.to_agent[0], ToAgent::Define(d) if d.seq == seq));
+    assert!(matches!(&sent.to_agent[1], ToAgent::Start(s) if s.len() == 4));
+    // Four ends in one report: four starts in one frame, no new definition.
+    let ends = (1..=4).map(|i| finished(seq, Some(i), 0)).collect();
+    let sent = h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(ends) }]);
+    assert_eq!(sent.to_agent.len(), 1);
+    assert_eq!(starts(&sent).len(), 4);
+    h.check_counts();
+}
+
+#[test]
+fn the_agent_forgets_a_finished_job_and_wait_replies() {
+    let mut h = Harness::with_agent(2);
+    let (seq, _) = h.submit(spec(None));
+    let sent = h.batch(vec![request(ClientRequest::Wait { jobs: vec![JobRef::Job(seq)], timeout_ms: None })]);
+    assert!(sent.replies.is_empty(), "the job has not ended yet");
+    let sent =
+        h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![finished(seq, None, 3)]) }]);
+    assert!(matches!(&sent.to_agent[..], [ToAgent::Forget { seq: s }] if *s == seq));
+    match &sent.replies[..] {
+        [(ServerReply::Jobs { jobs, .. }, v)] => {
+            assert_eq!(jobs[0].exit_status, Some(3));
+            assert_eq!(*v, h.snapshot().version());
+        }
+        other => panic!("expected the wait's reply, got {other:?}"),
+    }
+    let status = match h.snapshot().answer(&ClientRequest::ServerStatus) {
+        Some(ServerReply::ServerStatus(s)) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((status.queued, status.running, status.finished, status.nodes_up), (0, 0, 1, 1));
+}
+
+#[test]
+fn held_and_dependent_jobs_show_as_held_until_they_may_run() {
+    let mut h = Harness::new();
+    let (first, _) = h.submit(spec(None));
+    let mut dependent = spec(None);
+    dependent.depend = vec![Dependency { kind: DependKind::AfterOk, on: JobRef::Job(first) }];
+    let (second, _) = h.submit(dependent);
+    let mut held = spec(None);
+    held.hold = true;
+    let (third, _) = h.submit(held);
+    let snap = h.snapshot();
+    assert_eq!(state_of(&snap, &format!("{first}.srv")), JobState::Queued);
+    assert_eq!(state_of(&snap, &format!("{second}.srv")), JobState::Held);
+    assert_eq!(state_of(&snap, &format!("{third}.srv")), JobState::Held);
+    h.check_counts();
+
+    h.batch(vec![request(ClientRequest::Release(vec![JobRef::Job(third)]))]);
+    assert_eq!(state_of(&h.snapshot(), &format!("{third}.srv")), JobState::Queued);
+
+    // The first job runs and succeeds: the dependent becomes eligible and,
+    // with two cores, starts at once.
+    h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(2) }]);
+    assert_eq!(state_of(&h.snapshot(), &format!("{first}.srv")), JobState::Running);
+    let sent = h
+        .batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![finished(first, None, 0)]) }]);
+    assert!(starts(&sent).contains(&TaskId { seq: second, index: None }));
+    let snap = h.snapshot();
+    assert_eq!(state_of(&snap, &format!("{first}.srv")), JobState::Finished);
+    assert_eq!(state_of(&snap, &format!("{second}.srv")), JobState::Running);
+    h.check_counts();
+}
+
+#[test]
+fn totals_follow_cancels_node_loss_and_purges() {
+    let mut h = Harness::with_agent(2);
+    let (array, _) = h.submit(spec(Some("1-6")));
+    let (single, _) = h.submit(spec(None));
+    h.check_counts();
+    assert_eq!(h.core.jobs.counts().running, 2);
+    assert_eq!(h.core.jobs.counts().queued, 4 + 1);
+    h.batch(vec![request(ClientRequest::Cancel(vec![JobRef::Task(array, 6)]))]);
+    h.check_counts();
+    assert_eq!(h.core.jobs.counts().queued, 3 + 1);
+    // The agent goes: its two running tasks end, the rest run nowhere.
+    h.batch(vec![Inbound::Closed(AGENT)]);
+    h.check_counts();
+    assert_eq!(h.core.jobs.counts().running, 0);
+    let status = match h.snapshot().answer(&ClientRequest::Nodes) {
+        Some(ServerReply::Nodes(n)) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status[0].state, "down");
+    h.batch(vec![request(ClientRequest::Cancel(vec![JobRef::Array(array), JobRef::Job(single)]))]);
+    h.check_counts();
+    assert_eq!(h.core.jobs.counts().finished, 2);
+    assert_eq!(state_of(&h.snapshot(), &format!("{array}[3].srv")), JobState::Finished);
+    // Purge everything finished.
+    h.core.keep_finished = Duration::ZERO;
+    h.core.last_purge -= PURGE_EVERY;
+    h.batch(Vec::new());
+    assert_eq!(h.snapshot().job_count(), 0);
+    h.check_counts();
+    assert_eq!(h.core.jobs.counts(), Default::default());
+}
+
+#[test]
+fn stop_tells_agents_and_waiters() {
+    let mut h = Harness::with_agent(1);
+    let (seq, _) = h.submit(spec(None));
+    h.batch(vec![request(ClientRequest::Wait { jobs: vec![JobRef::Job(seq)], timeout_ms: None })]);
+    h.core.handle(Inbound::Stop);
+    h.core.end_batch();
+    h.core.shut_down();
+    let sent = h.batch(Vec::new());
+    assert!(sent.to_agent.contains(&ToAgent::Shutdown));
+    assert!(matches!(&sent.replies[..], [(ServerReply::Error(e), _)] if e.kind == ErrorKind::ShuttingDown));
+}
+
+/// Counts of the read-your-writes stress tests.
+const COUNT: usize = if cfg!(miri) { 50 } else { 2_000 };
+
+/// The real loop on its thread, a reader on another: every reply's version is
+/// published when the reply arrives, and the snapshot of that version shows
+/// the job the reply names.
+#[test]
+fn stress_read_your_writes() {
+    let (to_core, inbox) = unbounded();
+    let (out, from_core) = unbounded();
+    let core = CoreLoop::new(&config(), out, || {});
+    let snapshots = core.snapshots();
+    let thread = std::thread::spawn(move || core.run(inbox));
+    to_core.send(Inbound::AgentJoined { conn: AGENT, info: node_info(2) }).unwrap();
+    let mut answered = 0;
+    let mut last_version = 0;
+    let mut sent = 0;
+    while answered < COUNT {
+        // Keep a few submissions in flight so that batches form.
+        while sent < COUNT && sent - answered < 8 {
+            to_core.send(submit(spec(Some("1-3")))).unwrap();
+            sent += 1;
+        }
+        match from_core.recv_timeout(Duration::from_secs(10)).expect("the core answers") {
+            Outbound::Send { conn, bytes, version, .. } if conn == CLIENT => {
+                assert!(version >= last_version, "versions only grow");
+                last_version = version;
+                let snap = snapshots.load();
+                assert!(snap.version() >= version, "a reply never runs ahead of its snapshot");
+                let mut reader = picloud_proto::FrameReader::new();
+                reader.push(&bytes);
+                while let Some(p) = reader.next_payload().unwrap() {
+                    let reply: ServerReply = picloud_proto::frame::decode(p).unwrap();
+                    let ServerReply::Submitted { seq, .. } = reply else { panic!("{reply:?}") };
+                    let reply = snap.answer(&ClientRequest::Stat(StatRequest {
+                        jobs: vec![JobRef::Array(seq)],
+                        ..Default::default()
+                    }));
+                    assert!(matches!(reply, Some(ServerReply::Jobs { jobs, .. }) if jobs.len() == 1));
+                    answered += 1;
+                }
+            }
+            Outbound::Send { .. } => {}
+            Outbound::Stopped => panic!("stopped early"),
+        }
+    }
+    to_core.send(Inbound::Stop).unwrap();
+    thread.join().unwrap();
+    assert!(from_core.iter().any(|m| matches!(m, Outbound::Stopped)));
+}
+
+/// A reader thread loads snapshots while the core thread changes them: every
+/// snapshot it sees is whole (its totals match its jobs) and versions only grow.
+#[test]
+fn stress_snapshots_are_consistent() {
+    let (to_core, inbox) = unbounded();
+    let (out, from_core) = unbounded();
+    let core = CoreLoop::new(&config(), out, || {});
+    let snapshots = core.snapshots();
+    let thread = std::thread::spawn(move || core.run(inbox));
+    let reader = std::thread::spawn(move || {
+        let mut last = 0;
+        loop {
+            let snap = snapshots.load();
+            assert!(snap.version() >= last);
+            last = snap.version();
+            let Some(ServerReply::ServerStatus(s)) = snap.answer(&ClientRequest::ServerStatus) else {
+                panic!()
+            };
+            let jobs = stat(&snap, false);
+            let queued: u64 = jobs.iter().map(|j| j.array_counts.map_or(1, |c| c.queued)).sum();
+            assert_eq!(s.queued, queued);
+            if jobs.len() == COUNT {
+                return;
+            }
+        }
+    });
+    for _ in 0..COUNT {
+        to_core.send(submit(spec(Some("1-5")))).unwrap();
+    }
+    reader.join().unwrap();
+    to_core.send(Inbound::Stop).unwrap();
+    thread.join().unwrap();
+    drop(from_core);
+}
