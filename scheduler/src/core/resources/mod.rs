@@ -56,6 +56,27 @@
 mod index;
 mod node;
 mod shape;
+/// Slots already chosen for other chunks of the same request: a bitmap, so
+/// that planning `k` chunks costs no `k`-long scan per candidate.
+#[derive(Debug, Default)]
+struct Picked {
+    words: Vec<u64>,
+}
+
+impl Picked {
+    fn insert(&mut self, slot: u32) {
+        let w = slot as usize / 64;
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (slot % 64);
+    }
+
+    fn contains(&self, slot: u32) -> bool {
+        self.words.get(slot as usize / 64).is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -343,29 +364,37 @@ impl Resources {
         mut allowed: impl FnMut(NodeId) -> bool,
     ) -> Option<Allocation> {
         if req.chunks == 1 {
-            let (slot, plan) = self.find(req, &mut allowed, &[])?;
+            let (slot, plan) = self.find(req, &mut allowed, &Picked::default())?;
             let a = self.apply(slot, &plan, req.gpus);
             return Some(Allocation { nodes: vec![a] });
         }
-        let mut picks: Vec<(u32, Plan)> = Vec::with_capacity(req.chunks as usize);
-        for _ in 0..req.chunks {
-            let pick = self.find(req, &mut allowed, &picks)?;
-            picks.push(pick);
-        }
+        let picks = self.find_chunks(req, &mut allowed)?;
         let nodes = picks.iter().map(|(slot, plan)| self.apply(*slot, plan, req.gpus)).collect();
         Some(Allocation { nodes })
     }
 
     /// Whether [`Resources::allocate`] would succeed now (nothing changes).
     pub fn fits_now(&self, req: &ResourceRequest) -> bool {
-        let mut picks: Vec<(u32, Plan)> = Vec::new();
-        for _ in 0..req.chunks {
-            match self.find(req, &mut |_| true, &picks) {
-                Some(pick) => picks.push(pick),
-                None => return false,
-            }
+        if req.chunks == 1 {
+            return self.find(req, &mut |_| true, &Picked::default()).is_some();
         }
-        true
+        self.find_chunks(req, &mut |_| true).is_some()
+    }
+
+    /// Plans `req.chunks` chunks on distinct nodes, without changing anything.
+    fn find_chunks<F: FnMut(NodeId) -> bool>(
+        &self,
+        req: &ResourceRequest,
+        allowed: &mut F,
+    ) -> Option<Vec<(u32, Plan)>> {
+        let mut picks: Vec<(u32, Plan)> = Vec::with_capacity(req.chunks as usize);
+        let mut picked = Picked::default();
+        for _ in 0..req.chunks {
+            let pick = self.find(req, allowed, &picked)?;
+            picked.insert(pick.0);
+            picks.push(pick);
+        }
+        Some(picks)
     }
 
     /// Returns an allocation's resources. Chunks on nodes that are gone are
@@ -540,10 +569,10 @@ impl Resources {
         &self,
         req: &ResourceRequest,
         allowed: &mut F,
-        picked: &[(u32, Plan)],
+        picked: &Picked,
     ) -> Option<(u32, Plan)> {
         let (c, m, g) = (req.cores, req.mem, req.gpus);
-        let mut ok = |slot: u32, n: &NodeState| !picked.iter().any(|&(s, _)| s == slot) && allowed(n.id);
+        let mut ok = |slot: u32, n: &NodeState| !picked.contains(slot) && allowed(n.id);
         match req.placement {
             Placement::Exclusive => self.idle.range(c, u32::MAX).find_map(|(_, slot)| {
                 let n = self.node(slot);
