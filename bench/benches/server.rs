@@ -80,6 +80,7 @@ impl Running {
             name: "bench".into(),
             tcp: None,
             keep_finished: Duration::from_secs(3600),
+            core: Default::default(),
         };
         let core = CoreThread::spawn(&config);
         let info = NodeInfo {

@@ -12,6 +12,7 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 use picloud_proto::client::default_state_dir;
 use picloud_proto::{Client, ClientRequest, ServerAddr, ServerReply};
+use picloud_scheduler::core::policy::{CoreConfig, Policy};
 
 /// Arguments of `picloud server`.
 #[derive(Debug, clap::Args)]
@@ -28,6 +29,9 @@ pub(crate) struct ServerArgs {
     /// How long finished jobs stay visible to `qstat -x` (e.g. 3600, 90s, 30m, 1h).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     keep_finished: Duration,
+    /// Queue policy: fcfs, easy (FCFS with EASY backfill), sjf-easy, multifactor.
+    #[arg(long, default_value = "multifactor")]
+    policy: Policy,
 }
 
 /// Arguments of `picloud agent`.
@@ -60,6 +64,9 @@ pub(crate) struct UpArgs {
     /// How long finished jobs stay visible to `qstat -x`.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     keep_finished: Duration,
+    /// Queue policy: fcfs, easy (FCFS with EASY backfill), sjf-easy, multifactor.
+    #[arg(long, default_value = "multifactor")]
+    policy: Policy,
     /// Seconds between SIGTERM and SIGKILL when a job is killed.
     #[arg(long, default_value = "5", value_parser = parse_duration)]
     kill_grace: Duration,
@@ -100,6 +107,7 @@ pub(crate) fn server(a: ServerArgs) -> anyhow::Result<()> {
         name: a.name.unwrap_or_else(short_hostname),
         tcp: a.listen_tcp,
         keep_finished: a.keep_finished,
+        core: CoreConfig { policy: a.policy, ..CoreConfig::default() },
     };
     picloud_scheduler::server::run(config)?;
     Ok(())
@@ -194,7 +202,8 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     signals.thread_block()?;
 
     let keep = format!("{}", a.keep_finished.as_secs());
-    let mut server_args = vec!["server", "--keep-finished", &keep];
+    let policy = a.policy.to_string();
+    let mut server_args = vec!["server", "--keep-finished", &keep, "--policy", &policy];
     if let Some(name) = &a.name {
         server_args.extend(["--name", name]);
     }

@@ -156,7 +156,7 @@ impl CoreLoop {
             facts,
             keep_finished: config.keep_finished,
             owner_uid: nix::unistd::getuid().as_raw(),
-            core: Core::new(),
+            core: Core::with_config(config.core.clone()),
             jobs,
             next_seq: 1,
             nodes,

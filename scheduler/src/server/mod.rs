@@ -88,6 +88,8 @@ pub struct ServerConfig {
     pub tcp: Option<SocketAddr>,
     /// How long a finished job stays queryable.
     pub keep_finished: Duration,
+    /// The scheduling policy and its parameters.
+    pub core: crate::core::CoreConfig,
 }
 
 /// Why the server could not run.

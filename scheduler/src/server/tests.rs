@@ -27,6 +27,7 @@ impl TestServer {
             name: "srv".into(),
             tcp: None,
             keep_finished: Duration::from_secs(3600),
+            core: Default::default(),
         };
         let thread = std::thread::spawn(move || run(config));
         let server = TestServer { dir, thread: Some(thread) };

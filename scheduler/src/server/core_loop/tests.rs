@@ -23,6 +23,7 @@ fn config() -> ServerConfig {
         name: "srv".into(),
         tcp: None,
         keep_finished: Duration::from_secs(3600),
+        core: Default::default(),
     }
 }
 
