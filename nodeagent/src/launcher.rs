@@ -290,6 +290,11 @@ impl Launcher {
                 .env("PBS_ARRAY_ID", array_id(&start.job_id, job.seq));
         }
 
+        if !start.gpus.is_empty() {
+            let gpus = start.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            cmd.env("CUDA_VISIBLE_DEVICES", &gpus).env("PICLOUD_GPUS", &gpus);
+        }
+
         let (stdout, stderr) = open_outputs(&start.stdout_path, &start.stderr_path)?;
         cmd.current_dir(workdir).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
 
@@ -508,6 +513,7 @@ mod tests {
             task,
             job_id: task.display_with("srv"),
             cpus: Vec::new(),
+            gpus: Vec::new(),
             stdout_path: dir.join("out").display().to_string(),
             stderr_path: dir.join("err").display().to_string(),
         }
@@ -799,6 +805,20 @@ mod tests {
         assert_eq!(resolve_program("./x", "/bin"), Ok(PathBuf::from("./x")));
         assert_eq!(resolve_program("plain", &path), Err(Errno::EACCES));
         assert_eq!(resolve_program("no-such-program", &path), Err(Errno::ENOENT));
+    }
+
+    #[test]
+    fn gpus_are_named_in_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut launcher = Launcher::new(dir.path().join("spool"), "n").unwrap();
+        let job = job(1, sh("echo ${CUDA_VISIBLE_DEVICES:-none} ${PICLOUD_GPUS:-none}"), dir.path());
+        let mut st = start(1, None, dir.path());
+        let (_, out, _) = run(&mut launcher, &job, &st);
+        assert_eq!(out, "none none\n", "no GPUs given, none named");
+        st.gpus = vec![1, 3];
+        let (status, out, err) = run(&mut launcher, &job, &st);
+        assert_eq!(status, 0, "{err}");
+        assert_eq!(out, "1,3 1,3\n");
     }
 
     #[test]

@@ -173,6 +173,7 @@ fn task(seq: u64, index: Option<u32>, h: &Harness) -> StartTask {
         task: id,
         job_id: id.display_with("srv"),
         cpus: Vec::new(),
+        gpus: Vec::new(),
         stdout_path: h.path(&format!("{name}.out")),
         stderr_path: h.path(&format!("{name}.err")),
     }
@@ -505,6 +506,7 @@ fn throughput_of_true_tasks() {
             task: id,
             job_id: id.display_with("srv"),
             cpus: vec![i % cpus],
+            gpus: Vec::new(),
             stdout_path: out_dir.join(format!("job1.o1.{i}")).display().to_string(),
             stderr_path: out_dir.join(format!("job1.e1.{i}")).display().to_string(),
         }

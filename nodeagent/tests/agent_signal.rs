@@ -78,6 +78,7 @@ fn main() {
             task,
             job_id: "1.srv".into(),
             cpus: Vec::new(),
+            gpus: Vec::new(),
             stdout_path: out.clone(),
             stderr_path: out,
         };

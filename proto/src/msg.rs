@@ -583,6 +583,8 @@ pub struct StartTask {
     pub job_id: String,
     /// OS indices of the PUs to pin to.
     pub cpus: Vec<u32>,
+    /// Indices of the node's GPUs given to the task (`CUDA_VISIBLE_DEVICES`).
+    pub gpus: Vec<u32>,
     /// Resolved stdout path.
     pub stdout_path: String,
     /// Resolved stderr path.

@@ -126,6 +126,29 @@ fn qstat_user_filter_and_array_tasks() {
 }
 
 #[test]
+fn exclusive_placement_gets_the_whole_node() {
+    let c = Cluster::start();
+    let n = match c.client().request(&ClientRequest::Nodes).unwrap() {
+        ServerReply::Nodes(n) => n[0].info.pus().count(),
+        other => panic!("{other:?}"),
+    };
+    let id = c.qsub(&["-l", "place=excl", "--", "grep", "Cpus_allowed_list", "/proc/self/status"]);
+    let job = c.wait_finished(&id, LONG);
+    assert_eq!(job["Exit_status"], 0);
+    let out =
+        std::fs::read_to_string(c.work.join(format!("grep.o{}", id.split('.').next().unwrap()))).unwrap();
+    let list = out.split_whitespace().last().unwrap();
+    let count: usize = list
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+    assert_eq!(count, n, "an exclusive job is pinned to every PU of the node: {out}");
+}
+
+#[test]
 fn hold_and_release() {
     let c = Cluster::start();
     let id = c.qsub(&["-h", "--", "sh", "-c", "echo released > held.txt"]);
@@ -204,9 +227,14 @@ fn bad_submissions_are_refused_and_queue_nothing() {
         assert!(stdout(&out).is_empty(), "qsub {args:?} printed an id");
         assert!(err.starts_with("qsub: ") && err.contains(needle), "qsub {args:?}: {err}");
     }
-    let out = c.run("qsub", &["-l", "ncpus=100000", "--", "true"]);
+    for never in [&["-l", "ncpus=100000", "--", "true"][..], &["-l", "ngpus=1", "--", "true"][..]] {
+        let out = c.run("qsub", never);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("largest node"), "{never:?}: {}", stderr(&out));
+    }
+    let out = c.run("qsub", &["-l", "place=sideways", "--", "true"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("largest node"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("sideways"), "{}", stderr(&out));
     assert_eq!(job_count(&c), 0, "nothing was queued");
     let out = c.run("qdel", &["not-an-id"]);
     assert!(!out.status.success());

@@ -376,14 +376,15 @@ impl CoreLoop {
         if matches!(&spec.command, picloud_proto::JobCommand::Argv(a) if a.is_empty()) {
             return Err(invalid("no command given".into()));
         }
+        let (gpus, placement) = gpus_and_placement(&spec.resources.other).map_err(invalid)?;
         let request = Request {
             user: caller.uid,
             resources: crate::core::ResourceRequest {
                 chunks: 1,
                 cores: spec.resources.ncpus,
                 mem: spec.resources.mem.unwrap_or(0),
-                gpus: 0,
-                placement: crate::core::Placement::Compact,
+                gpus,
+                placement,
             },
             walltime: spec.resources.walltime.map(|s| s * 1000),
             priority: spec.priority,
@@ -544,7 +545,7 @@ impl CoreLoop {
             Decision::Start { task, allocation } => {
                 // Jobs are single-node (qsub refuses more chunks).
                 let Some(first) = allocation.nodes.first() else { return };
-                let (node, cpus) = (first.node, first.pus.clone());
+                let (node, cpus, gpus) = (first.node, first.pus.clone(), first.gpus.clone());
                 let Some(conn) = self.links.get(&node).and_then(|l| l.conn) else { return };
                 let Some(job) = self.jobs.get(task.seq) else { return };
                 let defined = self.defined_on.entry(task.seq).or_default();
@@ -578,7 +579,7 @@ impl CoreLoop {
                 if link.pending_starts.is_empty() {
                     self.starting.push(node);
                 }
-                link.pending_starts.push(StartTask { task, job_id, cpus, stdout_path, stderr_path });
+                link.pending_starts.push(StartTask { task, job_id, cpus, gpus, stdout_path, stderr_path });
             }
             Decision::Kill { task, nodes } => {
                 let by = self.acting_user.clone();
@@ -729,6 +730,42 @@ impl Drop for CoreThread {
             }
         }
     }
+}
+
+/// The GPUs (`-l ngpus=N`) and placement (`-l place=...`) a job asks for.
+///
+/// `place` takes PBS's words, read for a single node: `pack` (the default)
+/// and `free` mean compact placement, `scatter` spreads the job's cores over
+/// the node's NUMA nodes, and `excl` or `exclhost` (alone or after a colon,
+/// as in `scatter:excl`) gives the job a whole node.
+fn gpus_and_placement(other: &[(String, String)]) -> Result<(u32, crate::core::Placement), String> {
+    use crate::core::Placement;
+    let value =
+        |name: &str| other.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+    let gpus = match value("ngpus") {
+        None => 0,
+        Some(v) => v.trim().parse().map_err(|_| format!("ngpus={v}: expected a number of GPUs"))?,
+    };
+    let mut placement = Placement::Compact;
+    if let Some(v) = value("place") {
+        for word in v.split(':') {
+            match word.trim().to_ascii_lowercase().as_str() {
+                "pack" | "free" | "shared" => {}
+                "scatter" | "vscatter" => {
+                    if placement != Placement::Exclusive {
+                        placement = Placement::Scatter;
+                    }
+                }
+                "excl" | "exclhost" => placement = Placement::Exclusive,
+                other => {
+                    return Err(format!(
+                        "place={v}: unknown placement '{other}' (expected pack, scatter or excl)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok((gpus, placement))
 }
 
 #[cfg(test)]

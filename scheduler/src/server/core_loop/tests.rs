@@ -433,3 +433,23 @@ fn stress_snapshots_are_consistent() {
     thread.join().unwrap();
     drop(from_core);
 }
+
+#[test]
+fn ngpus_and_place_become_the_core_request() {
+    use crate::core::Placement;
+    let other = |pairs: &[(&str, &str)]| {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>()
+    };
+    assert_eq!(super::gpus_and_placement(&[]), Ok((0, Placement::Compact)));
+    assert_eq!(super::gpus_and_placement(&other(&[("ngpus", "2")])), Ok((2, Placement::Compact)));
+    assert_eq!(super::gpus_and_placement(&other(&[("place", "scatter")])), Ok((0, Placement::Scatter)));
+    assert_eq!(super::gpus_and_placement(&other(&[("place", "pack")])), Ok((0, Placement::Compact)));
+    assert_eq!(super::gpus_and_placement(&other(&[("place", "excl")])), Ok((0, Placement::Exclusive)));
+    assert_eq!(
+        super::gpus_and_placement(&other(&[("place", "scatter:excl")])),
+        Ok((0, Placement::Exclusive))
+    );
+    let err = super::gpus_and_placement(&other(&[("place", "sideways")])).unwrap_err();
+    assert!(err.contains("sideways"), "{err}");
+    assert!(super::gpus_and_placement(&other(&[("ngpus", "many")])).is_err());
+}
