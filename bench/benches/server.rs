@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use picloud_proto::{
-    AgentMsg, ArrayIndices, ClientRequest, FrameReader, JobCommand, JobSpec, JoinStreams, NodeInfo,
-    Resources, ServerReply, TaskEnd, ToAgent,
+    AgentMsg, ArrayIndices, ClientRequest, FrameReader, JobCommand, JobSpec, NodeInfo, ServerReply, TaskEnd,
+    ToAgent,
 };
 use picloud_scheduler::server::{Caller, ConnId, CoreThread, Inbound, Outbound, ServerConfig};
 
@@ -41,24 +41,11 @@ const AGENT: ConnId = ConnId(20);
 /// A job running `true`, with an environment of `env` variables.
 fn spec(array: Option<&str>, hold: bool, env: usize) -> JobSpec {
     JobSpec {
-        name: "bench".into(),
-        command: JobCommand::Argv(vec!["true".into()]),
-        workdir: "/tmp".into(),
         env: (0..env).map(|i| (format!("VAR{i}"), "x".repeat(40))).collect(),
-        stdout: None,
-        stderr: None,
-        join: JoinStreams::No,
-        queue: None,
-        account: None,
-        project: None,
         hold,
-        resources: Resources::default(),
         array: array.map(|a| ArrayIndices::parse(a).expect("a valid range")),
-        depend: Vec::new(),
-        rerunnable: true,
-        priority: 0,
         submit_host: "login".into(),
-        submit_args: String::new(),
+        ..JobSpec::new("bench", JobCommand::Argv(vec!["true".into()]), "/tmp")
     }
 }
 

@@ -471,35 +471,21 @@ fn describe_program(job: &JobDefinition, script: Option<&PathBuf>, errno: Errno)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use picloud_proto::{JobSpec, JoinStreams, Resources, TaskId};
+    use picloud_proto::{JobSpec, TaskId};
 
     /// A job definition running `command` in `workdir` with a small environment.
     pub(crate) fn job(seq: u64, command: JobCommand, workdir: &Path) -> JobDefinition {
         JobDefinition {
             seq,
             spec: JobSpec {
-                name: "testjob".into(),
-                command,
-                workdir: workdir.display().to_string(),
                 env: vec![
                     ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
                     ("PBS_O_HOST".into(), "submithost".into()),
                     ("MY_VAR".into(), "my value".into()),
                 ],
-                stdout: None,
-                stderr: None,
-                join: JoinStreams::No,
-                queue: None,
-                account: None,
-                project: None,
-                hold: false,
-                resources: Resources::default(),
-                array: None,
-                depend: Vec::new(),
                 rerunnable: false,
-                priority: 0,
                 submit_host: "submithost".into(),
-                submit_args: String::new(),
+                ..JobSpec::new("testjob", command, workdir.display().to_string())
             },
             user: "user".into(),
             uid: nix::unistd::getuid().as_raw(),

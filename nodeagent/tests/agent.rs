@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use picloud_nodeagent::agent::{self, AgentConfig, AgentError};
 use picloud_proto::{
-    AgentMsg, ErrorKind, Hello, JobCommand, JobDefinition, JobSpec, JoinStreams, ProtoError, Resources, Role,
-    ServerAddr, ServerReply, StartTask, TaskEnd, TaskId, ToAgent, read_frame, write_frame,
+    AgentMsg, ErrorKind, Hello, JobCommand, JobDefinition, JobSpec, ProtoError, Role, ServerAddr,
+    ServerReply, StartTask, TaskEnd, TaskId, ToAgent, read_frame, write_frame,
 };
 
 /// Serialises the tests of this file (see the module doc).
@@ -134,24 +134,10 @@ fn job(seq: u64, command: JobCommand, workdir: &Path) -> JobDefinition {
     JobDefinition {
         seq,
         spec: JobSpec {
-            name: format!("job{seq}"),
-            command,
-            workdir: workdir.display().to_string(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            stdout: None,
-            stderr: None,
-            join: JoinStreams::No,
-            queue: None,
-            account: None,
-            project: None,
-            hold: false,
-            resources: Resources::default(),
-            array: None,
-            depend: Vec::new(),
             rerunnable: false,
-            priority: 0,
             submit_host: "here".into(),
-            submit_args: String::new(),
+            ..JobSpec::new(format!("job{seq}"), command, workdir.display().to_string())
         },
         user: "me".into(),
         uid: 0,

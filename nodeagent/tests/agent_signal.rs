@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{SigSet, Signal};
 use picloud_nodeagent::agent::{self, AgentConfig};
 use picloud_proto::{
-    AgentMsg, Hello, JobCommand, JobDefinition, JobSpec, JoinStreams, Resources, ServerAddr, StartTask,
-    TaskId, ToAgent, read_frame, write_frame,
+    AgentMsg, Hello, JobCommand, JobDefinition, JobSpec, ServerAddr, StartTask, TaskId, ToAgent, read_frame,
+    write_frame,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -49,24 +49,10 @@ fn main() {
         let def = JobDefinition {
             seq: 1,
             spec: JobSpec {
-                name: "sleeper".into(),
-                command: JobCommand::Script { body },
-                workdir,
                 env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-                stdout: None,
-                stderr: None,
-                join: JoinStreams::No,
-                queue: None,
-                account: None,
-                project: None,
-                hold: false,
-                resources: Resources::default(),
-                array: None,
-                depend: Vec::new(),
                 rerunnable: false,
-                priority: 0,
                 submit_host: "here".into(),
-                submit_args: String::new(),
+                ..JobSpec::new("sleeper", JobCommand::Script { body }, workdir)
             },
             user: "me".into(),
             uid: 0,

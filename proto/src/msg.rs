@@ -229,6 +229,34 @@ pub struct JobSpec {
     pub submit_args: String,
 }
 
+impl JobSpec {
+    /// A job named `name` running `command` in `workdir`, with everything else
+    /// as qsub leaves it by default: an empty environment, default output
+    /// files, one core, no limits, rerunnable, priority 0, not held.
+    pub fn new(name: impl Into<String>, command: JobCommand, workdir: impl Into<String>) -> Self {
+        JobSpec {
+            name: name.into(),
+            command,
+            workdir: workdir.into(),
+            env: Vec::new(),
+            stdout: None,
+            stderr: None,
+            join: JoinStreams::No,
+            queue: None,
+            account: None,
+            project: None,
+            hold: false,
+            resources: Resources::default(),
+            array: None,
+            depend: Vec::new(),
+            rerunnable: true,
+            priority: 0,
+            submit_host: String::new(),
+            submit_args: String::new(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Client requests and server replies
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use picloud_proto::frame::encode_into;
 use picloud_proto::{
-    Client, ClientRequest, Hello, JobCommand, JobRef, JobSpec, JoinStreams, Resources, Role, ServerAddr,
-    ServerReply, StatRequest, read_frame,
+    Client, ClientRequest, Hello, JobCommand, JobRef, JobSpec, Role, ServerAddr, ServerReply, StatRequest,
+    read_frame,
 };
 
 use super::*;
@@ -73,24 +73,8 @@ impl Drop for TestServer {
 
 fn spec() -> JobSpec {
     JobSpec {
-        name: "job".into(),
-        command: JobCommand::Argv(vec!["true".into()]),
-        workdir: "/tmp".into(),
-        env: Vec::new(),
-        stdout: None,
-        stderr: None,
-        join: JoinStreams::No,
-        queue: None,
-        account: None,
-        project: None,
-        hold: false,
-        resources: Resources::default(),
-        array: None,
-        depend: Vec::new(),
-        rerunnable: true,
-        priority: 0,
         submit_host: "login".into(),
-        submit_args: String::new(),
+        ..JobSpec::new("job", JobCommand::Argv(vec!["true".into()]), "/tmp")
     }
 }
 

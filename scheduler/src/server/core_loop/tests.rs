@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, unbounded};
 use picloud_proto::{
-    ArrayIndices, DependKind, Dependency, JobCommand, JobInfo, JobSpec, JobState, JoinStreams, Resources,
-    StatRequest, TaskEnd, TaskId,
+    ArrayIndices, DependKind, Dependency, JobCommand, JobInfo, JobSpec, JobState, StatRequest, TaskEnd,
+    TaskId,
 };
 
 use super::*;
@@ -33,24 +33,10 @@ fn caller() -> Caller {
 
 fn spec(array: Option<&str>) -> JobSpec {
     JobSpec {
-        name: "job".into(),
-        command: JobCommand::Argv(vec!["true".into()]),
-        workdir: "/tmp".into(),
         env: vec![("HOME".into(), "/home/alice".into())],
-        stdout: None,
-        stderr: None,
-        join: JoinStreams::No,
-        queue: None,
-        account: None,
-        project: None,
-        hold: false,
-        resources: Resources::default(),
         array: array.map(|a| ArrayIndices::parse(a).unwrap()),
-        depend: Vec::new(),
-        rerunnable: true,
-        priority: 0,
         submit_host: "login".into(),
-        submit_args: String::new(),
+        ..JobSpec::new("job", JobCommand::Argv(vec!["true".into()]), "/tmp")
     }
 }
 
