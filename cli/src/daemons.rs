@@ -50,6 +50,9 @@ pub(crate) struct AgentArgs {
     /// Node name to report [default: the host name].
     #[arg(long)]
     hostname: Option<String>,
+    /// Do not put jobs in cgroups (no memory limits, no cgroup accounting).
+    #[arg(long)]
+    no_cgroups: bool,
 }
 
 /// Arguments of `picloud up`.
@@ -126,6 +129,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<()> {
         spool_dir: dir.join("spool").join(format!("agent-{}", std::process::id())),
         kill_grace: a.kill_grace,
         hostname: a.hostname,
+        use_cgroups: !a.no_cgroups,
     };
     picloud_nodeagent::agent::run(config)?;
     Ok(())

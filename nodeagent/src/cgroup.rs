@@ -321,6 +321,68 @@ impl Cgroups {
     }
 }
 
+/// Moves the calling thread into a job's v1 cgroups for as long as it lives,
+/// so that a child it spawns starts there; the thread goes back on drop.
+///
+/// Only v1 lets a single thread move (its `tasks` files); a v2 domain cgroup
+/// takes whole processes, so there the launcher has the child join by itself.
+#[derive(Debug)]
+pub struct ThreadInCgroup {
+    tid: String,
+    home: Vec<PathBuf>,
+}
+
+impl Drop for ThreadInCgroup {
+    fn drop(&mut self) {
+        for dir in &self.home {
+            if let Err(e) = write(&dir.join("tasks"), &self.tid) {
+                tracing::warn!("cannot move the agent thread back: {e}");
+            }
+        }
+    }
+}
+
+impl Cgroups {
+    /// Moves the calling thread into `job`'s cgroups (v1 only; `Ok(None)` on v2).
+    pub fn enter_thread(&self, job: &JobCgroup) -> Result<Option<ThreadInCgroup>, CgroupError> {
+        let Layout::V1 { memory, cpuset, cpu, cpuacct, pids } = &self.layout else { return Ok(None) };
+        let tid = nix::unistd::gettid().as_raw().to_string();
+        let mut guard = ThreadInCgroup { tid: tid.clone(), home: Vec::new() };
+        let pairs = [
+            (memory, &job.memory),
+            (cpuset, &job.cpuset),
+            (cpu, &job.cpu),
+            (cpuacct, &job.cpuacct),
+            (pids, &job.pids),
+        ];
+        for (base, dir) in pairs {
+            let (Some(base), Some(dir)) = (base, dir) else { continue };
+            // The agent's own cgroup is the parent of the base: the thread goes back there.
+            let home = base.parent().unwrap_or(base).to_path_buf();
+            write(&dir.join("tasks"), &tid)?;
+            guard.home.push(home);
+        }
+        Ok(Some(guard))
+    }
+
+    /// Removes the (empty) directories below which job cgroups were made.
+    pub fn remove_base(&self) {
+        let dirs: Vec<&PathBuf> = match &self.layout {
+            Layout::V2 { base } => vec![base],
+            Layout::V1 { memory, cpuset, cpu, cpuacct, pids } => {
+                [memory, cpuset, cpu, cpuacct, pids].into_iter().flatten().collect()
+            }
+        };
+        for dir in dirs {
+            if let Err(e) = fs::remove_dir(dir) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove {}: {e}", dir.display());
+                }
+            }
+        }
+    }
+}
+
 fn create_dir(dir: &Path) -> Result<(), CgroupError> {
     match fs::create_dir_all(dir) {
         Ok(()) => Ok(()),

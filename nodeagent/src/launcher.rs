@@ -36,6 +36,7 @@
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::errno::Errno;
+
+use crate::cgroup::{Cgroups, JobCgroup};
 use nix::sched::CpuSet;
 use nix::unistd::Pid;
 use picloud_proto::{JobCommand, JobDefinition, StartTask};
@@ -127,6 +130,9 @@ pub enum LaunchError {
     /// The job's argument vector is empty.
     #[error("the job has an empty command")]
     EmptyCommand,
+    /// The task could not be placed in its cgroup.
+    #[error("cannot place the task in its cgroup: {0}")]
+    Cgroup(crate::cgroup::CgroupError),
     /// The program could not be executed (fork or exec failed).
     #[error("cannot execute {what}: {}", errno.desc())]
     Exec {
@@ -229,7 +235,17 @@ impl Launcher {
     /// `OMP_NUM_THREADS` (the job's `ncpus`), `TMPDIR` (unless set), and for array
     /// tasks `PBS_ARRAY_INDEX`, `PBS_ARRAYID`, `PICLOUD_TASK_INDEX` and `PBS_ARRAY_ID`
     /// (`<seq>[].<server>`).
-    pub fn spawn(&mut self, job: &JobDefinition, start: &StartTask) -> Result<Child, LaunchError> {
+    ///
+    /// With a `cgroup`, the child starts inside it: on v1 the calling thread
+    /// joins the cgroup around the spawn (the child inherits it, as it
+    /// inherits the affinity); on v2, where only whole processes move, the
+    /// child writes itself into `cgroup.procs` between fork and exec.
+    pub fn spawn(
+        &mut self,
+        job: &JobDefinition,
+        start: &StartTask,
+        cgroup: Option<(&Cgroups, &JobCgroup)>,
+    ) -> Result<Child, LaunchError> {
         let spec = &job.spec;
         let workdir = Path::new(&spec.workdir);
         match std::fs::metadata(workdir) {
@@ -298,7 +314,46 @@ impl Launcher {
         let (stdout, stderr) = open_outputs(&start.stdout_path, &start.stderr_path)?;
         cmd.current_dir(workdir).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
 
-        // Restores this thread's affinity when dropped, after the spawn.
+        // Both guards are dropped after the spawn: the thread's cgroups and
+        // affinity come back.
+        let mut _procs_file = None;
+        let _in_cgroup = match cgroup {
+            None => None,
+            Some((cgroups, job_cgroup)) => match cgroups
+                .enter_thread(job_cgroup)
+                .map_err(LaunchError::Cgroup)?
+            {
+                Some(guard) => Some(guard),
+                None => {
+                    let path =
+                        job_cgroup.procs_files().into_iter().next().expect("a v2 cgroup has one directory");
+                    let file = OpenOptions::new().write(true).open(&path).map_err(|source| {
+                        LaunchError::Cgroup(crate::cgroup::CgroupError {
+                            op: "open",
+                            path,
+                            data: None,
+                            source,
+                        })
+                    })?;
+                    let fd = file.as_raw_fd();
+                    // SAFETY: the hook makes one write(2) on a descriptor opened
+                    // before the fork (and kept open until the spawn returns), from
+                    // a static buffer: async-signal-safe, no allocation, no lock.
+                    // Writing "0" moves the calling process, the child, into the cgroup.
+                    unsafe {
+                        cmd.pre_exec(move || {
+                            if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                                Ok(())
+                            } else {
+                                Err(io::Error::last_os_error())
+                            }
+                        });
+                    }
+                    _procs_file = Some(file);
+                    None
+                }
+            },
+        };
         let _pinned = PinnedThread::to(&start.cpus)?;
 
         let mut attempt = 0;
@@ -511,7 +566,7 @@ mod tests {
 
     /// Runs one task to its end; returns (PBS exit status, stdout, stderr).
     fn run(launcher: &mut Launcher, job: &JobDefinition, st: &StartTask) -> (i32, String, String) {
-        let mut child = launcher.spawn(job, st).unwrap();
+        let mut child = launcher.spawn(job, st, None).unwrap();
         let status = wait_bounded(&mut child);
         let out = std::fs::read_to_string(&st.stdout_path).unwrap();
         let err = std::fs::read_to_string(&st.stderr_path).unwrap();
@@ -670,12 +725,12 @@ mod tests {
         let st = start(1, None, dir.path());
 
         let missing = job(1, JobCommand::Argv(vec!["nosuchcmd".into()]), dir.path());
-        let err = launcher.spawn(&missing, &st).unwrap_err();
+        let err = launcher.spawn(&missing, &st, None).unwrap_err();
         assert_eq!(err.exit_status(), 127);
         assert_eq!(err.to_string(), "cannot execute 'nosuchcmd': No such file or directory");
 
         let interp = job(2, sh("#!/no/such/interpreter -x\necho hi\n"), dir.path());
-        let err = launcher.spawn(&interp, &st).unwrap_err();
+        let err = launcher.spawn(&interp, &st, None).unwrap_err();
         assert_eq!(err.exit_status(), 127);
         assert_eq!(
             err.to_string(),
@@ -685,12 +740,12 @@ mod tests {
         let not_exec = dir.path().join("data.txt");
         std::fs::write(&not_exec, "data").unwrap();
         let denied = job(3, JobCommand::Argv(vec![not_exec.display().to_string()]), dir.path());
-        let err = launcher.spawn(&denied, &st).unwrap_err();
+        let err = launcher.spawn(&denied, &st, None).unwrap_err();
         assert_eq!(err.exit_status(), 126, "{err}");
         assert!(err.to_string().contains("Permission denied"), "{err}");
 
         let empty = job(4, JobCommand::Argv(Vec::new()), dir.path());
-        assert!(matches!(launcher.spawn(&empty, &st), Err(LaunchError::EmptyCommand)));
+        assert!(matches!(launcher.spawn(&empty, &st, None), Err(LaunchError::EmptyCommand)));
     }
 
     #[test]
@@ -700,14 +755,14 @@ mod tests {
         let job1 = job(1, sh("true"), dir.path());
         let mut st = start(1, None, dir.path());
         st.stderr_path = dir.path().join("no/such/dir/err").display().to_string();
-        let err = launcher.spawn(&job1, &st).unwrap_err();
+        let err = launcher.spawn(&job1, &st, None).unwrap_err();
         assert_eq!(err.exit_status(), SETUP_FAILED);
         let msg = err.to_string();
         assert!(msg.starts_with("cannot open the stderr file ") && msg.contains("no/such/dir/err"), "{msg}");
         assert!(msg.ends_with("No such file or directory (os error 2)"), "{msg}");
 
         let gone = job(2, sh("true"), &dir.path().join("vanished"));
-        let err = launcher.spawn(&gone, &start(2, None, dir.path())).unwrap_err();
+        let err = launcher.spawn(&gone, &start(2, None, dir.path()), None).unwrap_err();
         assert!(matches!(err, LaunchError::Workdir { .. }), "{err}");
         assert!(err.to_string().contains("vanished"), "{err}");
     }
@@ -749,12 +804,12 @@ mod tests {
 
         // A cpu beyond the mask fails before forking.
         st.cpus = vec![u32::MAX];
-        let err = launcher.spawn(&job, &st).unwrap_err();
+        let err = launcher.spawn(&job, &st, None).unwrap_err();
         assert!(matches!(err, LaunchError::Cpu { cpu: u32::MAX }), "{err}");
         // A cpu this process may not use is refused by the kernel.
         if let Some(outside) = (0..CpuSet::count() as u32).find(|&c| !ours.contains(&c)) {
             st.cpus = vec![outside];
-            let err = launcher.spawn(&job, &st).unwrap_err();
+            let err = launcher.spawn(&job, &st, None).unwrap_err();
             assert!(matches!(err, LaunchError::Pin { .. }), "{err}");
             assert_eq!(err.exit_status(), SETUP_FAILED);
         }

@@ -34,8 +34,9 @@ use hwlocality::object::types::ObjectType;
 use hwlocality::topology::builder::{FileInputError, TypeFilter};
 use picloud_proto::{GpuInfo, NodeInfo, NumaNode};
 
-/// What the agent can enforce of a job's resource request, in words.
-pub const LIMITS: &str = "none: cgroup limits are not enforced yet";
+/// What a discovered node says of the limits it enforces until the agent,
+/// which knows whether it may create cgroups, says better.
+pub const LIMITS: &str = "none: not known before the agent starts";
 
 /// Why the node's topology could not be discovered.
 #[derive(Debug, thiserror::Error)]

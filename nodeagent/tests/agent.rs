@@ -48,6 +48,7 @@ fn start_agent(
         spool_dir: spool.clone(),
         kill_grace: grace,
         hostname: Some("testnode".into()),
+        use_cgroups: false,
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
@@ -455,6 +456,7 @@ fn no_server_is_a_connect_error() {
         spool_dir: dir.path().join("spool"),
         kill_grace: Duration::from_secs(1),
         hostname: None,
+        use_cgroups: false,
     };
     let err = agent::run(config).unwrap_err();
     assert!(matches!(err, AgentError::Connect { .. }), "{err:?}");

@@ -100,6 +100,7 @@ fn main() {
         spool_dir: spool.clone(),
         kill_grace: Duration::from_millis(500),
         hostname: None,
+        use_cgroups: false,
     };
     let result = agent::run(config);
     let task_pid = server.join();

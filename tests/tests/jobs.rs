@@ -222,3 +222,31 @@ fn job_environment() {
     assert_eq!(std::fs::read_to_string(c.work.join(format!("withv.o{s}.3"))).unwrap(), "present 3 3\n");
     assert_eq!(std::fs::read_to_string(c.work.join(format!("withv.o{s}.4"))).unwrap(), "present 4 4\n");
 }
+
+#[test]
+fn a_job_over_its_memory_limit_is_killed_with_a_clear_reason() {
+    let c = Cluster::start();
+    let limits = match c.client().request(&ClientRequest::Nodes).unwrap() {
+        ServerReply::Nodes(n) => n[0].info.limits.clone(),
+        other => panic!("{other:?}"),
+    };
+    if limits.starts_with("none") {
+        eprintln!("skipped: this node enforces no limits ({limits})");
+        return;
+    }
+    let hog =
+        c.qsub(&["-l", "mem=32mb", "--", "python3", "-c", "b = bytearray(256 << 20); print('survived')"]);
+    let fine = c.qsub(&["-l", "mem=256mb", "--", "python3", "-c", "b = bytearray(64 << 20); print(len(b))"]);
+    let job = c.wait_finished(&hog, LONG);
+    assert_eq!(job["Exit_status"], 256 + 9, "{job}");
+    let comment = job["comment"].as_str().unwrap();
+    assert!(comment.contains("exceeded its memory limit of 32.0 MiB"), "{comment}");
+    let out = std::fs::read_to_string(c.work.join(format!("python3.o{}", seq_of(&hog)))).unwrap();
+    assert!(!out.contains("survived"));
+    // A job within its limit runs normally, and its peak memory is measured by its cgroup.
+    let job = c.wait_finished(&fine, LONG);
+    assert_eq!(job["Exit_status"], 0, "{job}");
+    let mem = job["resources_used"]["mem"].as_str().unwrap();
+    let kb: u64 = mem.trim_end_matches("kb").parse().unwrap();
+    assert!(kb >= 64 * 1024 && kb < 256 * 1024, "peak {mem}");
+}
