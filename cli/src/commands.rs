@@ -308,11 +308,13 @@ pub(crate) fn format_nodes(nodes: &[NodeStatus]) -> String {
                 format!("{}/{}", n.used_pus.len(), n.info.pus().count()),
                 n.info.numa_nodes.len().to_string(),
                 human_bytes(n.info.memory),
+                n.info.gpus.len().to_string(),
                 jobs_cell(&n.running),
+                n.info.limits.clone(),
             ]
         })
         .collect();
-    render_table(&["NAME", "STATE", "CPUS", "NUMA", "MEMORY", "JOBS"], &rows)
+    render_table(&["NAME", "STATE", "CPUS", "NUMA", "MEMORY", "GPUS", "JOBS", "LIMITS"], &rows)
 }
 
 /// `picloud nodes`.
@@ -435,9 +437,9 @@ ID      NAME           USER   STATE     CPUS  ELAPSED   EXIT  NODE/COMMENT
         let text =
             format_nodes(&[node("node1", vec![0, 1], vec!["7.head".into()]), node("node2", vec![], many)]);
         let want = "\
-NAME   STATE  CPUS  NUMA  MEMORY  JOBS
-node1  up     2/4   2     16 GiB  7.head
-node2  up     0/4   2     16 GiB  1.head,2.head,3.head +2
+NAME   STATE  CPUS  NUMA  MEMORY  GPUS  JOBS                     LIMITS
+node1  up     2/4   2     16 GiB  0     7.head                   cgroup v2
+node2  up     0/4   2     16 GiB  0     1.head,2.head,3.head +2  cgroup v2
 ";
         assert_eq!(text, want);
     }
