@@ -756,6 +756,19 @@ impl Agent {
             self.finished.push(fail(SETUP_FAILED, comment));
             return;
         };
+        // Until jobs are started as their owner, an agent runs only its own
+        // user's jobs: anything else would run one user's job as another (as
+        // root, when the agent is root).
+        let agent_uid = nix::unistd::geteuid().as_raw();
+        if job.def.uid != agent_uid {
+            let comment = format!(
+                "this node agent runs as uid {agent_uid} and does not run jobs of other users \
+                 (this job belongs to {}, uid {})",
+                job.def.user, job.def.uid
+            );
+            self.finished.push(fail(SETUP_FAILED, comment));
+            return;
+        }
         let mem_limit = job.def.spec.resources.mem;
         // Only tasks with a memory limit get a cgroup for now: creating and
         // removing one per task costs more than starting a short task (a

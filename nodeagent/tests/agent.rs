@@ -141,7 +141,7 @@ fn job(seq: u64, command: JobCommand, workdir: &Path) -> JobDefinition {
             ..JobSpec::new(format!("job{seq}"), command, workdir.display().to_string())
         },
         user: "me".into(),
-        uid: 0,
+        uid: nix::unistd::geteuid().as_raw(),
         gid: 0,
     }
 }
@@ -297,6 +297,26 @@ fn jobs_start_with_an_empty_signal_mask() {
     assert_eq!(h.finished[&t.task].exit_status, 0);
     let out = std::fs::read_to_string(h.path("1.out")).unwrap();
     assert_eq!(out.split_whitespace().last(), Some("0000000000000000"), "{out}");
+    drop(h.conn);
+    h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
+}
+
+#[test]
+fn jobs_of_other_users_are_refused() {
+    let _one = serial();
+    let mut h = Harness::new(Duration::from_millis(500));
+    let workdir = h.dir.path().to_path_buf();
+    let mut def = job(1, script("echo ran > ran.txt"), &workdir);
+    def.uid += 1;
+    def.user = "someone-else".into();
+    h.define(def);
+    let t = task(1, None, &h);
+    h.send(&ToAgent::Start(vec![t.clone()]));
+    h.wait_finished(&[t.task]);
+    let end = &h.finished[&t.task];
+    assert!(end.exit_status < 0, "{end:?}");
+    assert!(end.comment.as_deref().unwrap().contains("does not run jobs of other users"), "{end:?}");
+    assert!(!workdir.join("ran.txt").exists(), "the job must not run");
     drop(h.conn);
     h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
 }

@@ -55,7 +55,7 @@ fn main() {
                 ..JobSpec::new("sleeper", JobCommand::Script { body }, workdir)
             },
             user: "me".into(),
-            uid: 0,
+            uid: nix::unistd::geteuid().as_raw(),
             gid: 0,
         };
         write_frame(&mut conn, &ToAgent::Define(Box::new(def))).unwrap();
