@@ -93,7 +93,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PICLOUD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only for a terminal: logs that go to files stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn short_hostname() -> String {

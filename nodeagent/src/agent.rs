@@ -1002,7 +1002,7 @@ fn setup_cgroups() -> (Option<Cgroups>, String) {
     match found {
         Ok(cgroups) => {
             let words = cgroups.describe();
-            info!("tasks run in cgroups of their own: {words}");
+            info!("tasks with a memory limit run in cgroups of their own: {words}");
             (Some(cgroups), words)
         }
         Err(e) => {
