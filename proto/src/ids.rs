@@ -125,7 +125,7 @@ impl IndexRange {
 
     /// Whether `i` belongs to the range.
     pub fn contains(&self, i: u32) -> bool {
-        i >= self.start && i <= self.end && (i - self.start) % self.step == 0
+        i >= self.start && i <= self.end && (i - self.start).is_multiple_of(self.step)
     }
 }
 

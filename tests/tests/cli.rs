@@ -173,19 +173,14 @@ fn picloud_commands() {
     assert!(stdout(&waited).contains("exit=4"), "{}", stdout(&waited));
     let timeout = c.run(
         "picloud",
-        &[
-            "wait",
-            "--timeout",
-            "0.2",
-            &stdout(&c.run("picloud", &["submit", "--", "sleep", "30"])).trim().to_string(),
-        ],
+        &["wait", "--timeout", "0.2", stdout(&c.run("picloud", &["submit", "--", "sleep", "30"])).trim()],
     );
     assert_eq!(timeout.status.code(), Some(2));
 
     let nodes: serde_json::Value =
         serde_json::from_slice(&c.run("picloud", &["nodes", "--json"]).stdout).unwrap();
     assert_eq!(nodes[0]["state"], "up");
-    assert!(nodes[0]["info"]["cores"].as_array().unwrap().len() >= 1);
+    assert!(!nodes[0]["info"]["cores"].as_array().unwrap().is_empty());
     let stat: serde_json::Value =
         serde_json::from_slice(&c.run("picloud", &["stat", "--all", "--json"]).stdout).unwrap();
     assert!(stat.as_array().unwrap().iter().any(|j| j["id"] == ok));
