@@ -39,10 +39,25 @@ fn users_are_kept_apart() {
     for dir in [c.dir.path(), c.work.as_path()] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // The build directory may be closed to other users (a checkout in a
+    // mode-0700 directory): give them a copy of the binary and its PBS links.
+    let bin = c.dir.path().join("shared-bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::copy(picloud_tests::picloud_bin(), bin.join("picloud")).unwrap();
+    let status =
+        Command::new(bin.join("picloud")).arg("install-pbs-commands").arg(&bin).output().unwrap().status;
+    assert!(status.success());
     let as_other = |name: &str, args: &[&str]| {
-        let mut cmd = c.cmd(name);
-        cmd.args(args).uid(uid).gid(gid).env("HOME", "/tmp");
-        cmd.output().unwrap()
+        Command::new(bin.join(name))
+            .args(args)
+            .current_dir(&c.work)
+            .env("PICLOUD_DIR", c.dir.path())
+            .env("HOME", "/tmp")
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap()
     };
 
     // root's job: the other user sees it but may not delete it.
