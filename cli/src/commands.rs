@@ -334,46 +334,17 @@ pub(crate) fn nodes(a: NodesArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use picloud_proto::{JobSpecSummary, JoinStreams, NodeInfo, NumaNode, Resources, ResourcesUsed, TaskId};
+    use picloud_proto::{NodeInfo, NumaNode, Resources};
 
     use super::*;
 
     fn job(id: &str, state: JobState, exit: Option<i32>) -> JobInfo {
-        JobInfo {
-            id: id.into(),
-            task: TaskId { seq: 1, index: None },
-            is_array: false,
-            spec: JobSpecSummary {
-                name: "job.sh".into(),
-                queue: "workq".into(),
-                account: None,
-                project: None,
-                resources: Resources { ncpus: 4, ..Resources::default() },
-                array: None,
-                depend: None,
-                workdir: "/home/alice".into(),
-                submit_host: "head".into(),
-                submit_args: "job.sh".into(),
-                rerunnable: true,
-                priority: 0,
-                join: JoinStreams::No,
-                hold: false,
-            },
-            user: "alice".into(),
-            state,
-            exit_status: exit,
-            comment: None,
-            exec_host: None,
-            cpus: vec![],
-            ctime: 0,
-            etime: None,
-            stime: None,
-            end_time: None,
-            used: ResourcesUsed::default(),
-            stdout_path: String::new(),
-            stderr_path: String::new(),
-            array_counts: None,
-        }
+        let mut j = crate::pbs::qstat::tests::queued_job(1, "job.sh", "alice");
+        j.id = id.into();
+        j.state = state;
+        j.exit_status = exit;
+        j.spec.resources = Resources { ncpus: 4, ..Resources::default() };
+        j
     }
 
     #[test]

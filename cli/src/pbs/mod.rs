@@ -10,6 +10,7 @@
 //! modulo 256: see the `EXIT_*` constants.
 
 mod directives;
+mod getopt;
 pub(crate) mod qstat;
 pub(crate) mod qsub;
 pub(crate) mod refs;

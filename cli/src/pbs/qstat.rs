@@ -13,6 +13,7 @@
 //! text or JSON, so the two never disagree. Times are local, ctime style
 //! ([`super::timefmt`]), passed in as a function so tests can fix them.
 
+use super::getopt::{Getopt, GetoptError, Word};
 use std::ffi::OsString;
 use std::process::ExitCode;
 
@@ -72,15 +73,9 @@ pub(crate) struct QstatArgs {
 /// A usage error in qstat's arguments.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum QstatUsageError {
-    /// An option qstat does not know.
-    #[error("invalid option -- '{0}'")]
-    Unknown(char),
-    /// `--word`.
-    #[error("unrecognized option '{0}'")]
-    UnknownLong(String),
-    /// An option without its value.
-    #[error("option requires an argument -- '{0}'")]
-    MissingArgument(char),
+    /// A word that is not a valid option.
+    #[error(transparent)]
+    Getopt(#[from] GetoptError),
     /// `-F` with another format.
     #[error("-F {0}: only the json format is supported")]
     Format(String),
@@ -95,57 +90,39 @@ usage: qstat [-f [-F json] [-1]] [-x | -H] [-t] [-J] [-u user] [-w] [job_identif
 
 /// Parses qstat's arguments (without the program name), getopt style.
 pub(crate) fn parse_args(args: &[String]) -> Result<QstatArgs, QstatUsageError> {
+    fn arity(c: char) -> Option<bool> {
+        match c {
+            'f' | '1' | 'x' | 'H' | 't' | 'J' | 'w' | 'a' | 'n' | 's' | 'i' | 'r' | 'B' | 'Q' => Some(false),
+            'F' | 'u' => Some(true),
+            _ => None,
+        }
+    }
     let mut a = QstatArgs::default();
-    let mut i = 0;
-    while i < args.len() {
-        let word = &args[i];
-        i += 1;
-        if word == "--" {
-            a.operands.extend(args[i..].iter().cloned());
-            break;
-        }
-        let Some(cluster) = word.strip_prefix('-').filter(|c| !c.is_empty()) else {
-            a.operands.push(word.clone());
-            continue;
-        };
-        if cluster.starts_with('-') {
-            return Err(QstatUsageError::UnknownLong(word.clone()));
-        }
-        for (pos, c) in cluster.char_indices() {
-            match c {
-                'f' => a.full = true,
-                '1' => a.one_line = true,
-                'x' => a.finished = true,
-                'H' => a.history = true,
-                't' => a.tasks = true,
-                'J' => a.arrays_only = true,
-                'w' => a.wide = true,
-                'a' => a.alternate = true,
-                'n' => a.nodes = true,
-                's' => a.comments = true,
-                'i' => a.idle = true,
-                'r' => a.running = true,
-                'B' => a.server = true,
-                'Q' => a.queues = true,
-                'F' | 'u' => {
-                    let attached = &cluster[pos + 1..];
-                    let value = if attached.is_empty() {
-                        let v = args.get(i).ok_or(QstatUsageError::MissingArgument(c))?;
-                        i += 1;
-                        v.clone()
-                    } else {
-                        attached.to_string()
-                    };
-                    if c == 'u' {
-                        a.user = Some(value);
-                    } else if value.eq_ignore_ascii_case("json") {
-                        a.json = true;
-                    } else {
-                        return Err(QstatUsageError::Format(value));
-                    }
-                    break;
-                }
-                _ => return Err(QstatUsageError::Unknown(c)),
+    for word in Getopt::new(args, arity) {
+        match word? {
+            Word::Operand(o) => a.operands.push(o.to_string()),
+            Word::Rest(rest) => a.operands.extend(rest.iter().cloned()),
+            Word::Value('u', user) => a.user = Some(user.to_string()),
+            Word::Value(_, format) if format.eq_ignore_ascii_case("json") => a.json = true,
+            Word::Value(_, format) => return Err(QstatUsageError::Format(format.to_string())),
+            Word::Flag(c) => {
+                let flag = match c {
+                    'f' => &mut a.full,
+                    '1' => &mut a.one_line,
+                    'x' => &mut a.finished,
+                    'H' => &mut a.history,
+                    't' => &mut a.tasks,
+                    'J' => &mut a.arrays_only,
+                    'w' => &mut a.wide,
+                    'a' => &mut a.alternate,
+                    'n' => &mut a.nodes,
+                    's' => &mut a.comments,
+                    'i' => &mut a.idle,
+                    'r' => &mut a.running,
+                    'B' => &mut a.server,
+                    _ => &mut a.queues,
+                };
+                *flag = true;
             }
         }
     }
@@ -793,7 +770,7 @@ pub(crate) fn run(args: Vec<OsString>) -> ExitCode {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use picloud_proto::{ArrayCounts, JobSpecSummary, Resources, ResourcesUsed, TaskId};
 
     use super::*;
@@ -854,7 +831,8 @@ mod tests {
         }
     }
 
-    fn queued_job(seq: u64, name: &str, user: &str) -> JobInfo {
+    /// A queued job (shared with the tests of `picloud stat`).
+    pub(crate) fn queued_job(seq: u64, name: &str, user: &str) -> JobInfo {
         let mut j = finished_job();
         j.id = format!("{seq}.head");
         j.task.seq = seq;
@@ -905,9 +883,9 @@ mod tests {
         assert!(parse_args(&strings("-Q")).unwrap().queues);
         assert!(parse_args(&strings("-H")).unwrap().alternate);
         assert_eq!(parse_args(&strings("-F dsv")), Err(QstatUsageError::Format("dsv".into())));
-        assert_eq!(parse_args(&strings("-u")), Err(QstatUsageError::MissingArgument('u')));
-        assert_eq!(parse_args(&strings("-fz")), Err(QstatUsageError::Unknown('z')));
-        assert_eq!(parse_args(&strings("--all")), Err(QstatUsageError::UnknownLong("--all".into())));
+        assert_eq!(parse_args(&strings("-u")), Err(GetoptError::MissingArgument('u').into()));
+        assert_eq!(parse_args(&strings("-fz")), Err(GetoptError::Unknown('z').into()));
+        assert_eq!(parse_args(&strings("--all")), Err(GetoptError::UnknownLong("--all".into()).into()));
         assert_eq!(parse_args(&strings("-- -5")).unwrap().operands, vec!["-5"]);
     }
 

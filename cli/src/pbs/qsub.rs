@@ -18,6 +18,7 @@
 //!    `-v` variables add up; flags (`-h`, `-V`, `-z`) hold if either gives them.
 //! 4. The job's environment, paths and defaults are filled in.
 
+use super::getopt::{Getopt, GetoptError, Word};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read;
@@ -185,27 +186,16 @@ pub(crate) enum QsubError {
 impl QsubError {
     /// Whether the error is one of usage (an unknown option), answered with the usage text.
     pub(crate) fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            QsubError::Option(
-                OptionError::Unknown(_) | OptionError::UnknownLong(_) | OptionError::MissingArgument(_)
-            )
-        )
+        matches!(self, QsubError::Option(OptionError::Getopt(_)))
     }
 }
 
 /// A bad option, wherever it was given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum OptionError {
-    /// An option letter qsub does not know.
-    #[error("invalid option -- '{0}'")]
-    Unknown(char),
-    /// A `--word` option.
-    #[error("unrecognized option '{0}'")]
-    UnknownLong(String),
-    /// An option that needs a value came last.
-    #[error("option requires an argument -- '{0}'")]
-    MissingArgument(char),
+    /// A word that is not a valid option.
+    #[error(transparent)]
+    Getopt(#[from] GetoptError),
     /// An option's value is invalid.
     #[error("-{option} {value}: {problem}")]
     BadValue {
@@ -353,18 +343,13 @@ impl Options {
     }
 }
 
-/// Whether an option letter takes a value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arity {
-    Flag,
-    Value,
-}
-
-fn arity(option: char) -> Option<Arity> {
+/// Whether an option letter takes a value (`Some(true)`), is a flag
+/// (`Some(false)`), or is not qsub's (`None`).
+fn arity(option: char) -> Option<bool> {
     match option {
-        'h' | 'V' | 'z' | 'f' | 'I' | 'X' | 'G' => Some(Arity::Flag),
+        'h' | 'V' | 'z' | 'f' | 'I' | 'X' | 'G' => Some(false),
         'N' | 'o' | 'e' | 'j' | 'q' | 'A' | 'P' | 'v' | 'l' | 'J' | 't' | 'W' | 'r' | 'p' | 'm' | 'M'
-        | 'S' | 'C' | 'c' | 'k' | 'a' | 'F' | 'u' | 'R' => Some(Arity::Value),
+        | 'S' | 'C' | 'c' | 'k' | 'a' | 'F' | 'u' | 'R' => Some(true),
         _ => None,
     }
 }
@@ -372,51 +357,32 @@ fn arity(option: char) -> Option<Arity> {
 /// Parses getopt-style words into `opts`; later options replace earlier ones,
 /// except `-l` and `-v`, which accumulate.
 fn parse_words(words: &[String], origin: Origin, opts: &mut Options) -> Result<(), OptionError> {
-    let mut i = 0;
-    while i < words.len() {
-        let word = &words[i];
-        i += 1;
-        if word == "--" {
-            if origin == Origin::Directive {
-                return Err(OptionError::CommandInDirective);
-            }
-            let argv = words[i..].to_vec();
-            if argv.is_empty() {
-                return Err(OptionError::EmptyCommand);
-            }
-            opts.argv = Some(argv);
-            return Ok(());
-        }
-        let Some(cluster) = word.strip_prefix('-').filter(|c| !c.is_empty()) else {
-            // An operand: the script.
-            if origin == Origin::Directive {
-                return Err(OptionError::ArgumentInDirective(word.clone()));
-            }
-            if let Some(script) = &opts.script {
-                return Err(OptionError::ExtraArgument { script: script.clone(), extra: word.clone() });
-            }
-            opts.script = Some(word.clone());
-            continue;
-        };
-        if cluster.starts_with('-') {
-            return Err(OptionError::UnknownLong(word.clone()));
-        }
-        for (pos, option) in cluster.char_indices() {
-            match arity(option).ok_or(OptionError::Unknown(option))? {
-                Arity::Flag => apply_flag(option, opts)?,
-                Arity::Value => {
-                    let attached = &cluster[pos + option.len_utf8()..];
-                    let value = if attached.is_empty() {
-                        let v = words.get(i).ok_or(OptionError::MissingArgument(option))?;
-                        i += 1;
-                        v.as_str()
-                    } else {
-                        attached
-                    };
-                    apply_value(option, value, origin, opts)?;
-                    break;
+    for word in Getopt::new(words, arity) {
+        match word? {
+            Word::Rest(argv) => {
+                if origin == Origin::Directive {
+                    return Err(OptionError::CommandInDirective);
                 }
+                if argv.is_empty() {
+                    return Err(OptionError::EmptyCommand);
+                }
+                opts.argv = Some(argv.to_vec());
             }
+            // An operand: the script.
+            Word::Operand(operand) if origin == Origin::Directive => {
+                return Err(OptionError::ArgumentInDirective(operand.to_string()));
+            }
+            Word::Operand(script) => {
+                if let Some(first) = &opts.script {
+                    return Err(OptionError::ExtraArgument {
+                        script: first.clone(),
+                        extra: script.to_string(),
+                    });
+                }
+                opts.script = Some(script.to_string());
+            }
+            Word::Flag(option) => apply_flag(option, opts)?,
+            Word::Value(option, value) => apply_value(option, value, origin, opts)?,
         }
     }
     Ok(())
