@@ -598,6 +598,8 @@ struct Agent {
     shutdown_deadline: Option<Instant>,
     /// Where task cgroups are made, when the agent may make them.
     cgroups: Option<Cgroups>,
+    /// The user the agent runs as (the only one whose jobs it runs).
+    uid: u32,
 }
 
 impl Agent {
@@ -624,6 +626,7 @@ impl Agent {
             spawned,
             shutdown_deadline: None,
             cgroups: None,
+            uid: nix::unistd::geteuid().as_raw(),
         }
     }
 
@@ -759,7 +762,7 @@ impl Agent {
         // Until jobs are started as their owner, an agent runs only its own
         // user's jobs: anything else would run one user's job as another (as
         // root, when the agent is root).
-        let agent_uid = nix::unistd::geteuid().as_raw();
+        let agent_uid = self.uid;
         if job.def.uid != agent_uid {
             let comment = format!(
                 "this node agent runs as uid {agent_uid} and does not run jobs of other users \

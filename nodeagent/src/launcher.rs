@@ -52,7 +52,7 @@ use picloud_proto::{JobCommand, JobDefinition, StartTask};
 
 /// Exit status of a task that failed before its program could be executed
 /// (spool or output file trouble): PBS's `JOB_EXEC_FAIL1`, "never ran".
-pub const SETUP_FAILED: i32 = -1;
+pub const SETUP_FAILED: i32 = picloud_proto::EXIT_NEVER_RAN;
 
 /// Exit status when the program was not found (as shells report it).
 pub const EXIT_NOT_FOUND: i32 = 127;

@@ -420,6 +420,13 @@ impl JobState {
     }
 }
 
+/// Exit status of a deleted job: signal 9 plus 256, as PBS Pro reports it.
+pub const EXIT_CANCELLED: i32 = 256 + 9;
+
+/// Exit status of a task that never ran (a dependency never met, a node lost,
+/// a task the agent could not set up); its comment says why.
+pub const EXIT_NEVER_RAN: i32 = -1;
+
 /// Everything `qstat -f` shows of one job, array or array task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {

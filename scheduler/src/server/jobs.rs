@@ -25,6 +25,7 @@
 //! ([`Phase`]) is copied into its record by the core thread after each batch,
 //! so that a published record answers queries on its own.
 
+use picloud_proto::{EXIT_CANCELLED, EXIT_NEVER_RAN};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
@@ -35,11 +36,6 @@ use picloud_proto::{
 };
 
 use crate::core::{EndReason, NodeId, Phase};
-
-/// PBS exit status of a deleted job: signal 9 plus 256, as PBS Pro reports it.
-pub const EXIT_CANCELLED: i32 = 256 + 9;
-/// Exit status of a task that never ran (dependency never met, node lost).
-pub const EXIT_NEVER_RAN: i32 = -1;
 
 /// One started or ended task.
 #[derive(Debug, Clone)]

@@ -74,7 +74,7 @@ use picloud_proto::{AgentMsg, ClientRequest, NodeInfo};
 use tracing::{info, warn};
 
 pub use core_loop::{CoreLoop, CoreThread, MAX_BATCH};
-pub use jobs::{EXIT_CANCELLED, EXIT_NEVER_RAN};
+pub use picloud_proto::{EXIT_CANCELLED, EXIT_NEVER_RAN};
 pub use snapshot::{Snapshot, Snapshots};
 
 /// How the server is set up.
