@@ -102,6 +102,7 @@ impl Running {
                                     exit_status: 0,
                                     comment: None,
                                     used: Default::default(),
+                                    outcome: None,
                                 })
                                 .collect();
                             tasks -= ends.len();

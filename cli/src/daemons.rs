@@ -53,6 +53,19 @@ pub(crate) struct AgentArgs {
     /// Do not put jobs in cgroups (no memory limits, no cgroup accounting).
     #[arg(long)]
     no_cgroups: bool,
+    /// Socket for clients on this node (shared-memory segments) [default: DIR/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    local_socket: Option<PathBuf>,
+    /// Directory put first on Python workers' import path, holding the
+    /// `picloud` package [default: $PICLOUD_PYTHONPATH].
+    #[arg(long, value_name = "DIR")]
+    python_path: Option<String>,
+    /// Directory of shared-memory segments.
+    #[arg(long, value_name = "DIR", default_value = "/dev/shm")]
+    shm_dir: PathBuf,
+    /// No shared-memory store on this node.
+    #[arg(long)]
+    no_shm: bool,
 }
 
 /// Arguments of `picloud up`.
@@ -130,12 +143,33 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<()> {
         Some(s) => ServerAddr::parse(&s),
         None => ServerAddr::of_state_dir(&dir),
     };
+    let shm = if a.no_shm {
+        None
+    } else {
+        // Stable across restarts of this agent, so a restart removes what a
+        // crashed run left; distinct for agents of other state directories.
+        let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&canonical, &mut hasher);
+        let id = std::hash::Hasher::finish(&hasher) as u32;
+        let prefix = format!("picloud-{:08x}-", id);
+        match picloud_nodeagent::shm::StoreConfig::for_dir(&a.shm_dir, prefix) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no shared-memory store: {e}");
+                None
+            }
+        }
+    };
     let config = picloud_nodeagent::agent::AgentConfig {
         server,
         spool_dir: dir.join("spool").join(format!("agent-{}", std::process::id())),
         kill_grace: a.kill_grace,
         hostname: a.hostname,
         use_cgroups: !a.no_cgroups,
+        local_socket: Some(a.local_socket.unwrap_or_else(|| dir.join("agent.sock"))),
+        python_path: a.python_path.or_else(|| std::env::var("PICLOUD_PYTHONPATH").ok()),
+        shm,
     };
     picloud_nodeagent::agent::run(config)?;
     Ok(())

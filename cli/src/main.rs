@@ -5,6 +5,7 @@
 mod commands;
 mod daemons;
 mod pbs;
+mod python_cmds;
 mod simulate;
 
 use std::ffi::OsString;
@@ -53,6 +54,10 @@ enum Command {
     Release(commands::CancelArgs),
     /// Replay a workload trace (SWF) through the scheduler in virtual time.
     Simulate(simulate::SimulateArgs),
+    /// Submit pickled Python calls and read their outcomes (the door the
+    /// Python library uses, for tests and debugging).
+    #[command(subcommand)]
+    Python(python_cmds::PythonCmd),
     /// Create qsub, qstat, qdel and qrls links to this binary in DIR.
     InstallPbsCommands {
         /// Directory for the links (e.g. ~/.local/bin).
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Command::Nodes(a) => return commands::nodes(a),
         Command::Release(a) => return commands::release(a),
         Command::Simulate(a) => simulate::simulate(a),
+        Command::Python(cmd) => return python_cmds::run(cmd),
         Command::InstallPbsCommands { dir } => daemons::install_pbs_commands(&dir),
     };
     match result {

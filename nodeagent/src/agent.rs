@@ -55,6 +55,9 @@ use picloud_proto::{
 };
 use tracing::{debug, info, warn};
 
+mod local_socket;
+mod python;
+
 use crate::cgroup::{Cgroups, JobCgroup, Limits};
 use crate::launcher::{LaunchError, Launcher, SETUP_FAILED, pbs_exit_status};
 use crate::topology::{self, TopologyError};
@@ -86,6 +89,13 @@ pub struct AgentConfig {
     /// Put each task that has a memory limit in a cgroup of its own (memory
     /// limit, cpuset, accounting) when the machine lets the agent create cgroups.
     pub use_cgroups: bool,
+    /// Where to listen for local clients (shared-memory segments); none when `None`.
+    pub local_socket: Option<PathBuf>,
+    /// Put first on every Python worker's import path: the directory holding
+    /// the `picloud` package, when clients' paths may lack it.
+    pub python_path: Option<String>,
+    /// Shared-memory store settings; `None` disables the store.
+    pub shm: Option<crate::shm::StoreConfig>,
 }
 
 /// Why the agent could not run.
@@ -181,7 +191,7 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
         .name("agent-reaper".into())
         .spawn(move || reap_loop(&lock, &spawned_rx, &tx))
         .map_err(thread_err("reaper"));
-    let signals = SignalThread::start(events_tx);
+    let signals = SignalThread::start(events_tx.clone());
     let (reader, reaper, signals) = match (reader, reaper, signals) {
         (Ok(a), Ok(b), Ok(c)) => (a, b, c),
         (a, b, c) => {
@@ -194,9 +204,31 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
 
     // Step 4.
     let writer = BufWriter::with_capacity(64 * 1024, conn);
-    let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx);
+    let store = config.shm.clone().and_then(|shm| match crate::shm::SegmentStore::open(shm) {
+        Ok(store) => Some(store),
+        Err(e) => {
+            warn!("no shared-memory store on this node: {e}");
+            None
+        }
+    });
+    let pool =
+        crate::workers::WorkerPool::new(node.cores.len().max(1), config.python_path.clone(), python::sink(events_tx.clone()));
+    let _local_socket = match &config.local_socket {
+        None => None,
+        Some(path) => match local_socket::LocalSocket::start(path, events_tx.clone()) {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                warn!("local clients cannot reach this agent at {}: {e}", path.display());
+                None
+            }
+        },
+    };
+    drop(events_tx);
+    let python = python::PythonSide::new(pool, store);
+    let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx, python);
     agent.cgroups = cgroups;
     agent.run(&events_rx);
+    agent.stop_workers(&events_rx);
 
     // Step 5.
     let reaped_all = agent.tasks.is_empty();
@@ -358,6 +390,10 @@ enum Event {
     Signal(Signal),
     /// A helper thread panicked.
     ThreadDied(&'static str),
+    /// A Python worker said something, or its connection ended.
+    Worker(crate::workers::WorkerEvent),
+    /// A local client (`agent.sock`) connected, asked, or left.
+    Local(python::LocalEvent),
 }
 
 /// A reaped child.
@@ -600,6 +636,8 @@ struct Agent {
     cgroups: Option<Cgroups>,
     /// The user the agent runs as (the only one whose jobs it runs).
     uid: u32,
+    /// Python workers and shared-memory segments.
+    python: python::PythonSide,
 }
 
 impl Agent {
@@ -609,6 +647,7 @@ impl Agent {
         kill_grace: Duration,
         spawn_lock: Arc<Mutex<()>>,
         spawned: Sender<()>,
+        python: python::PythonSide,
     ) -> Self {
         Self {
             launcher,
@@ -627,6 +666,7 @@ impl Agent {
             shutdown_deadline: None,
             cgroups: None,
             uid: nix::unistd::geteuid().as_raw(),
+            python,
         }
     }
 
@@ -693,22 +733,28 @@ impl Agent {
                 warn!("the agent's {name} thread panicked");
                 self.begin_shutdown(&format!("node agent failed (its {name} thread panicked)"));
             }
+            Event::Worker(event) => self.on_worker(event),
+            Event::Local(event) => self.on_local(event),
         }
     }
 
     fn on_message(&mut self, msg: ToAgent) {
         match msg {
             ToAgent::Welcome { .. } => warn!("ignoring a second welcome from the server"),
-            ToAgent::Define(def) => match self.jobs.entry(def.seq) {
-                Entry::Occupied(mut e) => {
-                    let job = e.get_mut();
-                    job.def = *def;
-                    job.forgotten = false;
+            ToAgent::Define(def) => {
+                let seq = def.seq;
+                match self.jobs.entry(seq) {
+                    Entry::Occupied(mut e) => {
+                        let job = e.get_mut();
+                        job.def = *def;
+                        job.forgotten = false;
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(Job { def: *def, running: 0, forgotten: false });
+                        self.define_python(seq);
+                    }
                 }
-                Entry::Vacant(e) => {
-                    e.insert(Job { def: *def, running: 0, forgotten: false });
-                }
-            },
+            }
             ToAgent::Start(starts) => {
                 let before = self.tasks.len();
                 for start in &starts {
@@ -729,9 +775,11 @@ impl Agent {
                     if job.running == 0 {
                         self.jobs.remove(&seq);
                         self.launcher.forget(seq);
+                        self.forget_python(seq);
                     }
                 }
             }
+            ToAgent::Purged(seqs) => self.purge_results(&seqs),
             ToAgent::Shutdown => {
                 info!("the server asked the agent to shut down");
                 self.begin_shutdown("the server is shutting down");
@@ -745,6 +793,7 @@ impl Agent {
             exit_status,
             comment: Some(comment),
             used: ResourcesUsed::default(),
+            outcome: None,
         };
         if self.shutdown_deadline.is_some() {
             self.finished.push(fail(SETUP_FAILED, "node agent is shutting down".into()));
@@ -759,6 +808,9 @@ impl Agent {
             self.finished.push(fail(SETUP_FAILED, comment));
             return;
         };
+        if matches!(job.def.spec.command, picloud_proto::JobCommand::Python(_)) {
+            return self.start_python_task(start);
+        }
         // Until jobs are started as their owner, an agent runs only its own
         // user's jobs: anything else would run one user's job as another (as
         // root, when the agent is root).
@@ -847,6 +899,9 @@ impl Agent {
     }
 
     fn on_exit(&mut self, exit: Exit) {
+        if self.python_exit(exit.pid, exit.status) {
+            return;
+        }
         let Some(task) = self.tasks.remove(&exit.pid) else {
             debug!(pid = exit.pid, "reaped a child that is no task");
             return;
@@ -877,7 +932,7 @@ impl Agent {
                 warn!(task = ?task.id, "cannot clean up the task's cgroup: {e}");
             }
         }
-        self.finished.push(TaskEnd { task: task.id, exit_status, comment, used });
+        self.finished.push(TaskEnd { task: task.id, exit_status, comment, used, outcome: None });
         let seq = task.id.seq;
         if let Some(job) = self.jobs.get_mut(&seq) {
             job.running -= 1;
@@ -954,6 +1009,7 @@ impl Agent {
         for pid in pids {
             self.terminate(pid, format!("job killed: {why}"));
         }
+        self.python.pool.retire_all();
     }
 
     /// Writes what happened since the last call: one `Started` and one `Finished` frame at most.

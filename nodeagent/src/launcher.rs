@@ -277,6 +277,8 @@ impl Launcher {
                 cmd.args(args);
                 cmd
             }
+            // Python calls go to the worker pool, never through here.
+            JobCommand::Python(_) => return Err(LaunchError::EmptyCommand),
         };
 
         let ncpus = spec.resources.ncpus.max(1);
@@ -504,6 +506,7 @@ fn array_id(job_id: &str, seq: u64) -> String {
 fn describe_program(job: &JobDefinition, script: Option<&PathBuf>, errno: Errno) -> String {
     match &job.spec.command {
         JobCommand::Argv(argv) => format!("'{}'", argv.first().map_or("", String::as_str)),
+        JobCommand::Python(call) => format!("the Python interpreter '{}'", call.interpreter),
         JobCommand::Script { body } => {
             let interpreter = body
                 .strip_prefix("#!")

@@ -1,10 +1,15 @@
 //! The picloud node agent: discovers the node's hardware ([`topology`]), starts
-//! the command jobs the server places on it ([`launcher`]), and speaks the agent
-//! side of the protocol ([`agent`]).
+//! the command jobs the server places on it ([`launcher`]) in cgroups
+//! ([`cgroup`]), runs Python tasks on warm workers ([`workers`], spoken to in
+//! the [`local_wire`] protocol), keeps the node's shared-memory segments
+//! ([`shm`]), and speaks the agent side of the protocol ([`agent`]).
 
 pub mod agent;
 pub mod cgroup;
 pub mod launcher;
+pub mod local_wire;
+pub mod shm;
 pub mod topology;
+pub mod workers;
 
 pub use agent::{AgentConfig, AgentError, run};

@@ -49,6 +49,9 @@ fn start_agent(
         kill_grace: grace,
         hostname: Some("testnode".into()),
         use_cgroups: false,
+        local_socket: None,
+        python_path: None,
+        shm: None,
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
@@ -477,6 +480,9 @@ fn no_server_is_a_connect_error() {
         kill_grace: Duration::from_secs(1),
         hostname: None,
         use_cgroups: false,
+        local_socket: None,
+        python_path: None,
+        shm: None,
     };
     let err = agent::run(config).unwrap_err();
     assert!(matches!(err, AgentError::Connect { .. }), "{err:?}");

@@ -101,6 +101,9 @@ fn main() {
         kill_grace: Duration::from_millis(500),
         hostname: None,
         use_cgroups: false,
+        local_socket: None,
+        python_path: None,
+        shm: None,
     };
     let result = agent::run(config);
     let task_pid = server.join();

@@ -20,7 +20,7 @@ pub use msg::*;
 /// Version of the protocol spoken by this build. Peers must match exactly.
 ///
 /// 2: [`NodeInfo`] gained `package_pus`, `l3` and `gpus`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Magic number at the start of every [`Hello`], so that a stray peer (an HTTP
 /// client, a port scanner) is recognised at once.

@@ -141,6 +141,35 @@ pub enum JobCommand {
     },
     /// An executable with its arguments (`qsub -- CMD ARGS`), looked up in `PATH`.
     Argv(Vec<String>),
+    /// A Python function call, run by a warm worker (see `docs/workers.md`).
+    Python(Box<PythonCall>),
+}
+
+/// A Python function and the arguments of each of its tasks: `cloud.call` is a
+/// job of one task, `cloud.map` an array `0-(n-1)` whose task `i` gets `args[i]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PythonCall {
+    /// The interpreter the client runs (`sys.executable`); its workers run the same.
+    pub interpreter: String,
+    /// The client's import path (`sys.path`): the workers' `PYTHONPATH`.
+    pub sys_path: Vec<String>,
+    /// The function, pickled with cloudpickle.
+    pub function: Vec<u8>,
+    /// Encoded arguments of each task, in the format of `docs/workers.md`.
+    pub args: Vec<Vec<u8>>,
+    /// Shared-memory segments the arguments refer to; the job holds them on
+    /// its node until it is forgotten there.
+    pub segments: Vec<String>,
+    /// Replace the worker after each task instead of keeping it warm
+    /// (PiCloud's `_kill_process`).
+    pub kill_process: bool,
+}
+
+impl PythonCall {
+    /// The encoded arguments of the task with this array index (`None` for a plain job).
+    pub fn args_of(&self, index: Option<u32>) -> Option<&[u8]> {
+        self.args.get(index.unwrap_or(0) as usize).map(Vec::as_slice)
+    }
 }
 
 /// How stdout and stderr are joined (`qsub -j`).
@@ -285,6 +314,9 @@ pub enum ClientRequest {
     ServerStatus,
     /// Ask the server to stop (its owner or root only). Replied with `Ok`.
     Shutdown,
+    /// The outcomes of Python tasks (every task of an array given as a whole).
+    /// Replied with [`ServerReply::Results`].
+    Results(Vec<JobRef>),
 }
 
 /// Which jobs a [`ClientRequest::Stat`] lists.
@@ -336,6 +368,34 @@ pub enum ServerReply {
     ServerStatus(ServerStatus),
     /// Done.
     Ok,
+    /// Outcomes of tasks, plus the ids that matched nothing.
+    Results {
+        /// One entry per task, in task order.
+        results: Vec<TaskResult>,
+        /// Ids given that name no job the server knows.
+        unknown: Vec<JobRef>,
+    },
+}
+
+/// Where one task stands and, once a Python task has ended, what it returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The task's full id (`12.srv` or `12[3].srv`).
+    pub id: String,
+    /// The task.
+    pub task: TaskId,
+    /// Its state.
+    pub state: JobState,
+    /// Exit status, once ended.
+    pub exit_status: Option<i32>,
+    /// Why it ended as it did, when abnormally.
+    pub comment: Option<String>,
+    /// The node it ran on.
+    pub node: Option<String>,
+    /// Resources it used.
+    pub used: ResourcesUsed,
+    /// What the function returned or raised (Python tasks that ran to the end).
+    pub outcome: Option<Box<PythonOutcome>>,
 }
 
 /// What happened to one id of a cancel or release.
@@ -592,6 +652,9 @@ pub enum ToAgent {
     },
     /// Stop: kill every running task and exit.
     Shutdown,
+    /// These jobs are gone from the server: free what their results hold here
+    /// (shared-memory segments).
+    Purged(Vec<u64>),
 }
 
 /// What an agent needs to run every task of one job.
@@ -646,4 +709,48 @@ pub struct TaskEnd {
     pub comment: Option<String>,
     /// Resources it used.
     pub used: ResourcesUsed,
+    /// What a Python task's function returned or raised.
+    pub outcome: Option<Box<PythonOutcome>>,
+}
+
+/// How a Python task's function call ended, as its worker reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PythonStatus {
+    /// It returned; the value is in [`PythonOutcome::value`] (exit status 0).
+    Returned,
+    /// It raised (exit status 1).
+    Raised,
+    /// The function or its arguments could not be loaded on the worker, e.g. a
+    /// module missing there (exit status 2).
+    LoadFailed,
+}
+
+impl PythonStatus {
+    /// The PBS exit status a task with this outcome ends with.
+    pub fn exit_status(self) -> i32 {
+        match self {
+            PythonStatus::Returned => 0,
+            PythonStatus::Raised => 1,
+            PythonStatus::LoadFailed => 2,
+        }
+    }
+}
+
+/// The outcome of one Python task (see `docs/workers.md`, message `DONE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PythonOutcome {
+    /// Returned, raised, or could not load.
+    pub status: PythonStatus,
+    /// The encoded return value, or the pickled exception when it pickles.
+    pub value: Vec<u8>,
+    /// `Type: message` of the exception.
+    pub error: String,
+    /// The remote traceback, formatted.
+    pub traceback: String,
+    /// What the task wrote to stdout (capped).
+    pub stdout: Vec<u8>,
+    /// What the task wrote to stderr (capped).
+    pub stderr: Vec<u8>,
+    /// Shared-memory segments (on the task's node) the value refers to.
+    pub segments: Vec<String>,
 }

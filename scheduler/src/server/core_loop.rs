@@ -361,8 +361,11 @@ impl CoreLoop {
             }
             // Queries normally go to the query thread; answered here they
             // read the same state, as it will be published at the batch's end.
-            query @ (ClientRequest::Stat(_) | ClientRequest::Nodes | ClientRequest::ServerStatus) => {
-                let reply = self.view().answer(&query).expect("a query");
+            query @ (ClientRequest::Stat(_)
+            | ClientRequest::Results(_)
+            | ClientRequest::Nodes
+            | ClientRequest::ServerStatus) => {
+                let reply = self.view().answer_as(&query, caller.uid).expect("a query");
                 self.reply(conn, &reply);
             }
         }
@@ -373,8 +376,23 @@ impl CoreLoop {
         if spec.resources.ncpus == 0 {
             return Err(invalid("ncpus must be at least 1".into()));
         }
-        if matches!(&spec.command, picloud_proto::JobCommand::Argv(a) if a.is_empty()) {
-            return Err(invalid("no command given".into()));
+        match &spec.command {
+            picloud_proto::JobCommand::Argv(a) if a.is_empty() => {
+                return Err(invalid("no command given".into()));
+            }
+            picloud_proto::JobCommand::Python(call) => {
+                let tasks = spec.array.as_ref().map_or(1, |a| a.len());
+                if call.args.len() as u64 != tasks {
+                    return Err(invalid(format!(
+                        "a Python call of {tasks} task(s) needs as many argument sets, not {}",
+                        call.args.len()
+                    )));
+                }
+                if spec.array.as_ref().is_some_and(|a| a.iter().last() != Some(tasks as u32 - 1)) {
+                    return Err(invalid("the tasks of a Python map are numbered 0 to n-1".into()));
+                }
+            }
+            _ => {}
         }
         let (gpus, placement) = gpus_and_placement(&spec.resources.other).map_err(invalid)?;
         let request = Request {
@@ -668,10 +686,19 @@ impl CoreLoop {
         if now - self.last_purge >= PURGE_EVERY {
             self.last_purge = now;
             let cutoff = unix_now().saturating_sub(self.keep_finished.as_secs());
-            for seq in self.jobs.purge(cutoff) {
+            let (purged, python) = self.jobs.purge(cutoff);
+            for &seq in &purged {
                 self.core.forget(seq);
                 self.dependents.remove(&seq);
                 self.defined_on.remove(&seq);
+            }
+            if !python.is_empty() {
+                // Agents may hold results of these jobs (shared memory).
+                let agents: Vec<NodeId> =
+                    self.links.iter().filter(|(_, l)| l.conn.is_some()).map(|(&n, _)| n).collect();
+                for node in agents {
+                    self.send_to_node(node, &ToAgent::Purged(python.clone()));
+                }
             }
         }
     }

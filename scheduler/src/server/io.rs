@@ -281,11 +281,14 @@ impl IoLoop {
             c.in_flight = true;
         }
         let request = match request {
-            ClientRequest::Stat(_) | ClientRequest::Nodes | ClientRequest::ServerStatus => {
+            ClientRequest::Stat(_)
+            | ClientRequest::Results(_)
+            | ClientRequest::Nodes
+            | ClientRequest::ServerStatus => {
                 let Some(to_query) = &self.to_query else {
                     return self.tell_core(token, Inbound::Request { conn, caller, request });
                 };
-                match to_query.send(QueryJob { conn, request, floor: self.floor }) {
+                match to_query.send(QueryJob { conn, request, uid: caller.uid, floor: self.floor }) {
                     Ok(()) => return,
                     Err(e) => {
                         // The query thread is gone (it failed): the core

@@ -31,8 +31,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use picloud_proto::{
-    ArrayCounts, DependKind, JobInfo, JobRef, JobSpec, JobSpecSummary, JobState, JoinStreams, ResourcesUsed,
-    TaskEnd, TaskId,
+    ArrayCounts, DependKind, JobCommand, JobInfo, JobRef, JobSpec, JobSpecSummary, JobState, JoinStreams,
+    PythonOutcome, ResourcesUsed, TaskEnd, TaskId, TaskResult,
 };
 
 use crate::core::{EndReason, NodeId, Phase};
@@ -49,6 +49,8 @@ pub(crate) struct TaskRecord {
     pub(crate) used: ResourcesUsed,
     /// A cancel was sent to the agent; the end is reported as a deletion.
     pub(crate) cancelled_by: Option<String>,
+    /// What a Python task's function returned or raised.
+    pub(crate) outcome: Option<Arc<PythonOutcome>>,
 }
 
 impl TaskRecord {
@@ -62,6 +64,7 @@ impl TaskRecord {
             comment: Some(comment),
             used: ResourcesUsed::default(),
             cancelled_by: None,
+            outcome: None,
         }
     }
 
@@ -139,6 +142,7 @@ impl JobRecord {
             comment: None,
             used: ResourcesUsed::default(),
             cancelled_by: None,
+            outcome: None,
         };
         self.tasks.insert(index, Arc::new(rec));
     }
@@ -171,6 +175,7 @@ impl JobRecord {
         rec.exit_status = Some(status);
         rec.comment = comment;
         rec.used = end.used;
+        rec.outcome = end.outcome.as_deref().cloned().map(Arc::new);
         rec.end_time = Some(now);
         self.running -= 1;
         self.ended += 1;
@@ -401,6 +406,47 @@ impl JobRecord {
         info
     }
 
+    /// Whether this is a Python call rather than a command.
+    pub(crate) fn is_python(&self) -> bool {
+        matches!(self.spec.command, JobCommand::Python(_))
+    }
+
+    /// Where task `index` stands (`None` for a plain job) and what it returned.
+    pub(crate) fn task_result(
+        &self,
+        index: Option<u32>,
+        server: &str,
+        node_name: &dyn Fn(NodeId) -> String,
+    ) -> TaskResult {
+        let id = match index {
+            Some(i) => format!("{}[{i}].{server}", self.seq),
+            None => format!("{}.{server}", self.seq),
+        };
+        let record = match index {
+            Some(i) => self.task_record(i),
+            None => self.tasks.get(&None).map(|t| &**t),
+        };
+        let mut result = TaskResult {
+            id,
+            task: TaskId { seq: self.seq, index },
+            state: self.queued_state(),
+            exit_status: None,
+            comment: None,
+            node: None,
+            used: ResourcesUsed::default(),
+            outcome: None,
+        };
+        if let Some(t) = record {
+            result.state = if t.is_finished() { JobState::Finished } else { JobState::Running };
+            result.exit_status = t.exit_status;
+            result.comment = t.comment.clone();
+            result.node = t.node.map(node_name);
+            result.used = t.used;
+            result.outcome = t.outcome.as_deref().cloned().map(Box::new);
+        }
+        result
+    }
+
     /// What this job adds to the server's totals.
     fn counts(&self) -> Counts {
         if self.finished_at.is_some() {
@@ -520,8 +566,10 @@ impl JobTable {
 
     /// Removes the jobs that finished at or before `cutoff` (Unix seconds);
     /// returns their sequence numbers.
-    pub(crate) fn purge(&mut self, cutoff: u64) -> Vec<u64> {
+    /// Returns the sequence numbers removed, and those of them that were Python calls.
+    pub(crate) fn purge(&mut self, cutoff: u64) -> (Vec<u64>, Vec<u64>) {
         let mut gone = Vec::new();
+        let mut python = Vec::new();
         while let Some(&(t, seq)) = self.finished.front() {
             if t > cutoff {
                 break;
@@ -530,10 +578,13 @@ impl JobTable {
             if let Some(job) = self.map.remove(&seq) {
                 self.counts.sub(job.counts());
                 gone.push(seq);
+                if job.is_python() {
+                    python.push(seq);
+                }
             }
         }
         self.changed |= !gone.is_empty();
-        gone
+        (gone, python)
     }
 
     /// Whether anything changed since the last call.

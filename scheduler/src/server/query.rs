@@ -1,4 +1,4 @@
-//! The query thread: answers `Stat`, `Nodes` and `ServerStatus` from the
+//! The query thread: answers `Stat`, `Results`, `Nodes` and `ServerStatus` from the
 //! latest published [`Snapshot`](super::Snapshot), so that a `qstat` of a
 //! million jobs neither waits for the core thread nor holds it up, and does
 //! not hold up the I/O thread while its reply is built.
@@ -23,6 +23,8 @@ use super::{ConnId, Outbound};
 pub(crate) struct QueryJob {
     pub(crate) conn: ConnId,
     pub(crate) request: ClientRequest,
+    /// The caller's uid.
+    pub(crate) uid: u32,
     /// The snapshot version the reply must reflect at least.
     pub(crate) floor: u64,
 }
@@ -40,7 +42,7 @@ pub(crate) fn run(
         let snap = snapshots.load_at_least(floor);
         for q in batch {
             let reply = snap
-                .answer(&q.request)
+                .answer_as(&q.request, q.uid)
                 .unwrap_or_else(|| ServerReply::Error(ProtoError::new(ErrorKind::Invalid, "not a query")));
             let bytes = picloud_proto::frame::encode(&reply);
             let msg = Outbound::Send { conn: q.conn, bytes, answers: 1, version: snap.version() };

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use picloud_proto::{
-    ClientRequest, JobInfo, JobRef, NodeInfo, NodeStatus, ServerReply, ServerStatus, StatRequest, TaskId,
+    ClientRequest, ErrorKind, JobInfo, JobRef, NodeInfo, NodeStatus, ProtoError, ServerReply, ServerStatus,
+    StatRequest, TaskId,
 };
 
 use super::jobs::{Counts, JobMap, JobRecord};
@@ -87,7 +88,13 @@ impl Snapshot {
     /// Answers a query (`Stat`, `Nodes`, `ServerStatus`); `None` for requests
     /// that change state or wait, which only the core thread answers.
     pub fn answer(&self, request: &ClientRequest) -> Option<ServerReply> {
-        View { facts: &self.facts, jobs: &self.jobs, nodes: &self.nodes, counts: self.counts }.answer(request)
+        self.answer_as(request, 0)
+    }
+
+    /// Answers a query of the user `uid` (`Results` are for their owner only).
+    pub fn answer_as(&self, request: &ClientRequest, uid: u32) -> Option<ServerReply> {
+        View { facts: &self.facts, jobs: &self.jobs, nodes: &self.nodes, counts: self.counts }
+            .answer_as(request, uid)
     }
 }
 
@@ -135,9 +142,10 @@ pub(crate) struct View<'a> {
 }
 
 impl View<'_> {
-    /// See [`Snapshot::answer`].
-    pub(crate) fn answer(&self, request: &ClientRequest) -> Option<ServerReply> {
+    /// See [`Snapshot::answer_as`].
+    pub(crate) fn answer_as(&self, request: &ClientRequest, uid: u32) -> Option<ServerReply> {
         Some(match request {
+            ClientRequest::Results(refs) => self.results(refs, uid),
             ClientRequest::Stat(req) => self.stat(req),
             ClientRequest::Nodes => ServerReply::Nodes(self.node_statuses()),
             ClientRequest::ServerStatus => ServerReply::ServerStatus(self.status()),
@@ -214,6 +222,35 @@ impl View<'_> {
             }
         }
         ServerReply::Jobs { jobs, unknown }
+    }
+
+    /// Task outcomes, for their owner (or root) only: a function's value is
+    /// its owner's data.
+    fn results(&self, refs: &[JobRef], uid: u32) -> ServerReply {
+        let server = &self.facts.name;
+        let name = |n| self.node_name(n);
+        let mut results = Vec::new();
+        let mut unknown = Vec::new();
+        for r in refs {
+            let Some(job) = self.job(r.seq()).filter(|_| self.exists(r)) else {
+                unknown.push(*r);
+                continue;
+            };
+            if uid != 0 && uid != job.uid {
+                return ServerReply::Error(ProtoError::new(
+                    ErrorKind::PermissionDenied,
+                    format!("the results of job {} belong to {}", job.id(server), job.user),
+                ));
+            }
+            match (r, &job.spec.array) {
+                (JobRef::Task(_, i), _) => results.push(job.task_result(Some(*i), server, &name)),
+                (_, Some(array)) => {
+                    results.extend(array.iter().map(|i| job.task_result(Some(i), server, &name)))
+                }
+                (_, None) => results.push(job.task_result(None, server, &name)),
+            }
+        }
+        ServerReply::Results { results, unknown }
     }
 
     fn node_statuses(&self) -> Vec<NodeStatus> {

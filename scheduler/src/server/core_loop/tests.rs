@@ -58,7 +58,13 @@ fn submit(s: JobSpec) -> Inbound {
 }
 
 fn finished(seq: u64, index: Option<u32>, exit_status: i32) -> TaskEnd {
-    TaskEnd { task: TaskId { seq, index }, exit_status, comment: None, used: Default::default() }
+    TaskEnd {
+        task: TaskId { seq, index },
+        exit_status,
+        comment: None,
+        used: Default::default(),
+        outcome: None,
+    }
 }
 
 /// What one batch sent, decoded.
