@@ -31,7 +31,8 @@ impl Bench {
     fn round_trip(&mut self, function_key: u64, function: &[u8], args: &[u8]) -> Vec<u8> {
         self.seq += 1;
         let task = TaskId { seq: self.seq, index: None };
-        let tag = self.pool.dispatch(self.worker, task, function_key, function, args, "/", &[], false).unwrap();
+        let tag =
+            self.pool.dispatch(self.worker, task, function_key, function, args, "/", &[], false).unwrap();
         loop {
             match self.events.recv_timeout(Duration::from_secs(60)).expect("the worker answers") {
                 WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, result, error, .. }) if t == tag => {
@@ -64,7 +65,8 @@ fn workers(c: &mut Criterion) {
     let interpreter = lines.next().expect("the interpreter").to_string();
     let in_process: f64 = lines.next().expect("the reference time").trim().parse().unwrap();
     let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
-    let (noop, sum, noargs, array) = (read("noop.pkl"), read("sum.pkl"), read("noargs.bin"), read("array.bin"));
+    let (noop, sum, noargs, array) =
+        (read("noop.pkl"), read("sum.pkl"), read("noargs.bin"), read("array.bin"));
 
     let (tx, events) = crossbeam_channel::unbounded();
     let python = root.join("python").canonicalize().unwrap().display().to_string();

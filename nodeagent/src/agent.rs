@@ -211,8 +211,11 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
             None
         }
     });
-    let pool =
-        crate::workers::WorkerPool::new(node.cores.len().max(1), config.python_path.clone(), python::sink(events_tx.clone()));
+    let pool = crate::workers::WorkerPool::new(
+        node.cores.len().max(1),
+        config.python_path.clone(),
+        python::sink(events_tx.clone()),
+    );
     let _local_socket = match &config.local_socket {
         None => None,
         Some(path) => match local_socket::LocalSocket::start(path, events_tx.clone()) {
@@ -862,29 +865,9 @@ impl Agent {
                 // The reaper reaps it; dropping the handle neither waits nor kills.
                 let pid = child.id() as i32;
                 drop(child);
-                let serial = self.next_serial;
-                self.next_serial += 1;
-                let now = Instant::now();
                 let walltime_limit = job.def.spec.resources.walltime;
-                // A limit too far away to be represented never comes due.
-                if let Some(at) = walltime_limit.and_then(|l| now.checked_add(Duration::from_secs(l))) {
-                    self.timers.push(Reverse(Timer { at, pid, serial, kind: TimerKind::Walltime }));
-                }
                 job.running += 1;
-                self.tasks.insert(
-                    pid,
-                    Task {
-                        id: start.task,
-                        serial,
-                        started: now,
-                        walltime_limit,
-                        killing: None,
-                        cgroup,
-                        mem_limit,
-                    },
-                );
-                self.pids.insert(start.task, pid);
-                self.started.push(start.task);
+                self.track(pid, start.task, walltime_limit, cgroup, mem_limit);
                 debug!(task = %start.job_id, pid, cpus = ?start.cpus, "task started");
             }
             Err(e) => {
@@ -896,6 +879,29 @@ impl Agent {
                 self.finished.push(fail(e.exit_status(), e.to_string()));
             }
         }
+    }
+
+    /// Records a started task (of job `task.seq`, whose running count the
+    /// caller raised) as process `pid`, with its walltime timer.
+    fn track(
+        &mut self,
+        pid: i32,
+        task: TaskId,
+        walltime_limit: Option<u64>,
+        cgroup: Option<JobCgroup>,
+        mem_limit: Option<u64>,
+    ) {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let now = Instant::now();
+        // A limit too far away to be represented never comes due.
+        if let Some(at) = walltime_limit.and_then(|l| now.checked_add(Duration::from_secs(l))) {
+            self.timers.push(Reverse(Timer { at, pid, serial, kind: TimerKind::Walltime }));
+        }
+        let entry = Task { id: task, serial, started: now, walltime_limit, killing: None, cgroup, mem_limit };
+        self.tasks.insert(pid, entry);
+        self.pids.insert(task, pid);
+        self.started.push(task);
     }
 
     fn on_exit(&mut self, exit: Exit) {

@@ -15,13 +15,12 @@ use std::os::unix::net::UnixStream;
 use picloud_proto::{JobCommand, PythonOutcome, PythonStatus, ResourcesUsed, StartTask, TaskEnd, TaskId};
 use tracing::{debug, warn};
 
-use super::{Agent, Event, Task, Timer, TimerKind, human_bytes};
+use super::{Agent, Event, human_bytes};
 use crate::cgroup::{JobCgroup, Limits};
 use crate::launcher::{SETUP_FAILED, pbs_exit_status};
 use crate::local_wire::LocalMsg;
 use crate::shm::{Holder, Owner, SegmentStore};
 use crate::workers::{PoolKey, WorkerEvent, WorkerId, WorkerPool};
-use std::cmp::Reverse;
 use std::time::{Duration, Instant};
 
 /// Most bytes of a task's stdout or stderr kept in its outcome (the worker caps
@@ -212,29 +211,10 @@ impl Agent {
             self.python.pool.kill(worker, nix::sys::signal::Signal::SIGKILL);
             self.python.broken.insert(worker, format!("cannot send the task to its worker: {e}"));
         }
-        let serial = self.next_serial;
-        self.next_serial += 1;
-        let now = Instant::now();
         let walltime_limit = spec.resources.walltime;
-        if let Some(at) = walltime_limit.and_then(|l| now.checked_add(Duration::from_secs(l))) {
-            self.timers.push(Reverse(Timer { at, pid, serial, kind: TimerKind::Walltime }));
-        }
         self.jobs.get_mut(&seq).expect("looked up above").running += 1;
-        self.tasks.insert(
-            pid,
-            Task {
-                id: start.task,
-                serial,
-                started: now,
-                walltime_limit,
-                killing: None,
-                cgroup: None,
-                mem_limit: key.mem_limit,
-            },
-        );
-        self.pids.insert(start.task, pid);
+        self.track(pid, start.task, walltime_limit, None, key.mem_limit);
         self.python.by_task.insert(start.task, worker);
-        self.started.push(start.task);
         debug!(task = %start.job_id, pid, worker = worker.0, cpus = ?start.cpus, "Python task dispatched");
     }
 
