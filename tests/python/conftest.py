@@ -34,13 +34,13 @@ def picloud_bin():
 class Cluster:
     """A running `picloud up` and helpers to use it."""
 
-    def __init__(self, directory, python_dir=PYTHON_DIR):
+    def __init__(self, directory, python_dir=PYTHON_DIR, name="pytest"):
         self.dir = Path(directory)
         self.bin = picloud_bin()
         self.env = dict(os.environ, PICLOUD_DIR=str(self.dir), PICLOUD_PYTHONPATH=str(python_dir))
         self.log = open(self.dir / "up.log", "wb")
         self.proc = subprocess.Popen(
-            [self.bin, "up", "--dir", self.dir, "--name", "pytest", "--kill-grace", "1"],
+            [self.bin, "up", "--dir", self.dir, "--name", name, "--kill-grace", "1"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 30
@@ -61,11 +61,13 @@ class Cluster:
             raise AssertionError(f"picloud {' '.join(map(str, args))} failed: {out.stderr}")
         return out
 
-    def submit(self, func, *arg_sets, segments=(), options=(), user=None):
-        """Submits `func` once per argument tuple; returns the job id."""
+    def submit(self, func, *arg_sets, segments=(), options=(), user=None, interpreter=sys.executable):
+        """Submits `func` once per argument tuple; returns the job id. With
+        `user` (uid, gid), `picloud python submit` runs as that user."""
         work = Path(tempfile.mkdtemp(dir=self.dir))
+        os.chmod(work, 0o755)
         (work / "f.pkl").write_bytes(cloudpickle.dumps(func, protocol=5))
-        cmd = ["python", "submit", "--function", work / "f.pkl", "--interpreter", sys.executable]
+        cmd = ["python", "submit", "--function", work / "f.pkl", "--interpreter", interpreter]
         for i, args in enumerate(arg_sets):
             data, names = _payload.encode_args(args, {})
             (work / f"a{i}").write_bytes(data)
@@ -82,9 +84,10 @@ class Cluster:
             kw = dict(user=user[0], group=user[1], extra_groups=[], cwd=work)
         return self.run(*cmd, **kw).stdout.strip()
 
-    def results(self, job_id, timeout=60):
-        out = self.run("python", "results", "--wait", "--timeout", timeout, job_id)
-        return json.loads(out.stdout)
+    def results(self, job_id, timeout=60, user=None, check=True):
+        kw = {} if user is None else dict(user=user[0], group=user[1], extra_groups=[], cwd="/")
+        out = self.run("python", "results", "--wait", "--timeout", timeout, job_id, check=check, **kw)
+        return json.loads(out.stdout) if out.returncode == 0 else out
 
     def value(self, result, map_segment=None):
         """The decoded return value (or exception) of one result."""
