@@ -171,3 +171,35 @@ def test_a_segment_of_another_user_cannot_be_held(cluster):
     st = os.stat(seg.path)
     assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.geteuid()
     agent.close()
+
+
+def picloud_cgroups():
+    """Every cgroup directory the agents of this machine made, on any hierarchy."""
+    found = set()
+    for base in Path("/sys/fs/cgroup").glob("*"):
+        for path in base.rglob("picloud-agent-*"):
+            if path.is_dir():
+                found.add(str(path))
+    return found
+
+
+def test_nothing_is_left_behind_when_the_agent_stops(tmp_path):
+    np = pytest.importorskip("numpy")
+    before = picloud_cgroups()
+    os.chmod(tmp_path, 0o755)
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        # A worker with a memory limit (its own cgroup), a result in a segment.
+        [r] = cluster.results(cluster.submit(lambda: np.ones(1 << 20), (), options=["--mem", "512mb"]))
+        assert r["exit_status"] == 0, r
+        [segment] = r["outcome"]["segments"]
+        assert (Path("/dev/shm") / segment).exists()
+        if os.geteuid() == 0:
+            assert picloud_cgroups() - before, "the worker has a cgroup while the agent runs"
+    finally:
+        cluster.stop()
+    prefix = segment.rsplit("-", 1)[0] + "-"
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(prefix)]
+    assert picloud_cgroups() - before == set()
