@@ -1,0 +1,185 @@
+"""One process's link to a picloud cluster, over libpicloud: the server
+connection (one per thread, since a wait holds its connection), the node
+agent's connection for shared-memory segments, and the embedded local cluster
+when none is configured.
+
+Every call into the server goes through libpicloud; this module only holds
+handles, converts between Python and C, and keeps shared-memory segments
+alive as long as something refers to them.
+"""
+
+import mmap
+import os
+import sys
+import threading
+import weakref
+
+from . import _ffi, _local, _payload
+from ._ffi import check, cstr, ffi, lib
+
+
+class Segment:
+    """A shared-memory segment held through the agent, mapped in Python."""
+
+    __slots__ = ("handle", "name", "size", "mapping", "__weakref__")
+
+    def __init__(self, handle, writable):
+        self.handle = handle
+        buf = ffi.new("char[256]")
+        check(lib.picloud_segment_name(handle, buf, 256))
+        self.name = ffi.string(buf).decode()
+        ptr, length, w = ffi.new("void **"), ffi.new("uint64_t *"), ffi.new("int *")
+        check(lib.picloud_segment_data(handle, ptr, length, w))
+        self.size = length[0]
+        path = os.path.join(_payload.SHM_DIR, self.name)
+        # The agent made the file ours (mode 0600): Python maps it too, so
+        # the mapping lives exactly as long as the arrays that view it.
+        with open(path, "r+b" if writable else "rb") as f:
+            self.mapping = mmap.mmap(f.fileno(), self.size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+
+
+class Session:
+    """Handles of one process; create through ``session()``."""
+
+    def __init__(self, address=None):
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._agent = None
+        self.cluster = None
+        self.state_dir = None
+        if address is not None:
+            self.address = str(address)
+            if os.path.isdir(self.address):
+                self.state_dir = self.address
+        else:
+            self.address = self._find_or_start()
+        # Submitted here: sequence numbers, for kill() without ids.
+        self.submitted = []
+        # Segments a job's arguments use, by sequence number, until it ends.
+        self.job_segments = {}
+        # Result segments mapped here, by name (held until delete()).
+        self.result_segments = {}
+
+    def _find_or_start(self):
+        configured = _local.configured_dir()
+        if configured is not None:
+            explicit = "PICLOUD_DIR" in os.environ
+            if explicit or self._answers(configured):
+                self.state_dir = configured
+                return configured
+        self.cluster = _local.LocalCluster()
+        self.cluster.wait_ready(
+            lambda: os.path.exists(os.path.join(self.cluster.dir, "agent.sock")) and self._answers(self.cluster.dir)
+        )
+        self.state_dir = self.cluster.dir
+        return self.cluster.dir
+
+    @staticmethod
+    def _answers(address):
+        out = ffi.new("picloud_client **")
+        if lib.picloud_client_connect(cstr(address), out) != 0:
+            return False
+        lib.picloud_client_free(out[0])
+        return True
+
+    # ---- connections
+
+    def client(self):
+        """This thread's server connection."""
+        handle = getattr(self._local, "client", None)
+        if handle is None:
+            out = ffi.new("picloud_client **")
+            check(lib.picloud_client_connect(cstr(self.address), out))
+            handle = ffi.gc(out[0], lib.picloud_client_free)
+            self._local.client = handle
+        return handle
+
+    def reset_client(self):
+        """Drops this thread's connection (after it broke)."""
+        self._local.client = None
+
+    def agent(self):
+        """The node agent's connection, for segments."""
+        with self._lock:
+            if self._agent is None:
+                out = ffi.new("picloud_agent **")
+                state = self.state_dir or os.environ.get("PICLOUD_DIR")
+                check(lib.picloud_agent_connect(cstr(state) if state else ffi.NULL, out))
+                self._agent = ffi.gc(out[0], lib.picloud_agent_free)
+            return self._agent
+
+    # ---- segments
+
+    def create_segment(self, size):
+        """A new writable segment of ``size`` bytes, released when its mapping dies."""
+        out = ffi.new("picloud_segment **")
+        check(lib.picloud_segment_create(self.agent(), size, out))
+        return self._adopt(out[0], writable=True)
+
+    def map_segment(self, name):
+        """An existing segment (e.g. a result's), held and mapped read-only."""
+        seg = self.result_segments.get(name)
+        if seg is None:
+            out = ffi.new("picloud_segment **")
+            check(lib.picloud_segment_map(self.agent(), cstr(name), out))
+            seg = self._adopt(out[0], writable=False)
+            self.result_segments[name] = seg
+        return seg
+
+    def _adopt(self, handle, writable):
+        seg = Segment(handle, writable)
+        token = _payload.register_segment(seg.name, seg.mapping)
+        # When the last view of the mapping goes, the agent may reuse the segment.
+        weakref.finalize(seg.mapping, _release, handle, token)
+        return seg
+
+    def allocate(self, sizes_out):
+        """An ``allocate_segment`` callback for ``_payload.encode`` whose
+        segments are appended to ``sizes_out`` (kept alive by the caller)."""
+
+        def allocate(size):
+            seg = self.create_segment(size)
+            sizes_out.append(seg)
+            return seg.name, memoryview(seg.mapping)
+
+        return allocate
+
+    def close(self):
+        self._local = threading.local()
+        self._agent = None
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+
+def _release(handle, token):
+    _payload.unregister_segment(token)
+    lib.picloud_segment_free(handle)
+
+
+_session = None
+_session_lock = threading.Lock()
+
+
+def session():
+    """The process's session, connecting (or starting a local cluster) on first use."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = Session()
+        return _session
+
+
+def init(address=None):
+    """Connects to the cluster at ``address`` (a state directory, a socket
+    path or host:port); without one, finds or starts one as the first call would."""
+    global _session
+    with _session_lock:
+        if _session is not None:
+            _session.close()
+        _session = Session(address)
+        return _session
+
+
+def interpreter():
+    return sys.executable

@@ -1,0 +1,651 @@
+"""PiCloud's API on picloud: ``call``, ``map``, ``result``, ``iresult``,
+``join``, ``status``, ``info``, ``kill``, ``delete``, ``array`` and
+``CloudException``, so that ``import picloud as cloud`` runs old PiCloud
+scripts.
+
+A ``call`` is a job of one task; a ``map`` is an array job whose task i gets
+element i (submitted in batches, the function pickled once per batch). Each
+element has its own job id, a :class:`Jid`. Functions are pickled with
+cloudpickle (lambdas, closures, and functions of the user's own modules by
+value); arguments and results with pickle protocol 5, large buffers through
+shared memory (see ``docs/workers.md``).
+"""
+
+import os
+import sys
+import sysconfig
+import threading
+import time
+import weakref
+
+import cloudpickle
+
+from . import _ffi, _payload
+from ._ffi import check, cstr, ffi, lib
+from ._session import session
+
+#: Exit status of a job killed (deleted) before or while it ran.
+EXIT_KILLED = 265
+#: Exit status of a job that never ran (e.g. its dependency failed).
+EXIT_NEVER_RAN = -1
+
+#: Most encoded argument bytes in one submission (the protocol's frame is 64 MiB).
+BATCH_BYTES = 48 << 20
+#: Most elements in one submission of a map.
+BATCH_ELEMENTS = 50_000
+#: Maps at least this long show a progress bar while ``result`` waits (when
+#: stdout is a terminal or a notebook and tqdm is installed).
+PROGRESS_MIN = 1000
+
+_RESERVED = {
+    "_cores", "_memory", "_depends_on", "_depends_on_errors", "_label", "_priority",
+    "_max_runtime", "_restartable", "_kill_process", "_env",
+}
+
+
+class Jid(int):
+    """A job id: an int (as PiCloud's were) that also knows its picloud job
+    and array index. ``seq`` is the job's sequence number; ``index`` the
+    element of a map, or None for a ``call``."""
+
+    def __new__(cls, seq, index=None):
+        return super().__new__(cls, (seq << 32) | (0 if index is None else index + 1))
+
+    @property
+    def seq(self):
+        return int(self) >> 32
+
+    @property
+    def index(self):
+        low = int(self) & 0xFFFFFFFF
+        return None if low == 0 else low - 1
+
+    @property
+    def job_id(self):
+        """The id `qstat` shows: ``12`` or ``12[3]``."""
+        return str(self.seq) if self.index is None else f"{self.seq}[{self.index}]"
+
+
+class CloudException(Exception):
+    """A job did not produce a value: it raised (the remote traceback is in
+    the message), was killed, or never ran. ``jid`` and ``status`` say which."""
+
+    def __init__(self, message, jid=None, status=None, remote=None):
+        super().__init__(message)
+        self.jid = jid
+        self.status = status
+        #: The exception the function raised, when it could be unpickled here.
+        self.remote = remote
+
+
+class CloudTimeoutError(CloudException, TimeoutError):
+    """``result`` or ``join`` ran out of time; the jobs keep running."""
+
+
+# --------------------------------------------------------------------------
+# Submission
+
+
+def _site_dirs():
+    paths = sysconfig.get_paths()
+    dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return tuple(os.path.realpath(d) + os.sep for d in dirs if d)
+
+
+_SITE = _site_dirs()
+
+
+def _by_value(func):
+    """Marks the module of ``func`` for pickling by value when it is the
+    user's own (not installed), so workers need not import it."""
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    if module is None or module.__name__ == "__main__":
+        return
+    path = getattr(module, "__file__", None)
+    if path and not os.path.realpath(path).startswith(_SITE):
+        top = sys.modules.get(module.__name__.split(".")[0], module)
+        try:
+            cloudpickle.register_pickle_by_value(top)
+        except ValueError:
+            cloudpickle.register_pickle_by_value(module)
+
+
+def _pickle_function(func):
+    if not callable(func):
+        raise TypeError(f"{func!r} is not callable")
+    _by_value(func)
+    try:
+        return cloudpickle.dumps(func, protocol=5)
+    except Exception as e:
+        raise TypeError(f"cannot pickle the function {getattr(func, '__name__', func)!r}: {e}") from e
+
+
+def _describe(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _encode_args(s, args, kwargs, segments, where=""):
+    try:
+        return _payload.encode_args(args, kwargs, s.allocate(segments))
+    except Exception as e:
+        # Name the culprit: try each argument alone.
+        for i, a in enumerate(args):
+            try:
+                cloudpickle.dumps(a, protocol=5)
+            except Exception as inner:
+                raise TypeError(f"cannot pickle argument {i}{where} ({_describe(a)}): {inner}") from e
+        for k, v in kwargs.items():
+            try:
+                cloudpickle.dumps(v, protocol=5)
+            except Exception as inner:
+                raise TypeError(f"cannot pickle argument {k!r}{where} ({_describe(v)}): {inner}") from e
+        raise TypeError(f"cannot pickle the arguments{where}: {e}") from e
+
+
+def _split_reserved(kwargs):
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in _RESERVED}
+    unknown = [k for k in kwargs if k.startswith("_") and k not in _RESERVED]
+    if unknown:
+        raise TypeError(f"unknown reserved keyword(s): {', '.join(unknown)} (known: {', '.join(sorted(_RESERVED))})")
+    return options
+
+
+def _memory_bytes(value):
+    """``_memory``: an int is MiB (as PiCloud's was); a string may say ``2gb``."""
+    if isinstance(value, int):
+        return value << 20
+    text = str(value).strip().lower()
+    units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "b": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text) << 20
+
+
+class _Options:
+    """A ``picloud_job_options`` and the C memory it points into."""
+
+    def __init__(self, options, name):
+        self.keep = []
+        o = ffi.new("picloud_job_options *")
+        o.struct_size = ffi.sizeof("picloud_job_options")
+        o.ncpus = int(options.get("_cores", 1))
+        if "_memory" in options:
+            o.mem_bytes = _memory_bytes(options["_memory"])
+        if "_max_runtime" in options:
+            # Minutes, as in PiCloud.
+            o.walltime_secs = max(1, int(round(float(options["_max_runtime"]) * 60)))
+        o.priority = int(options.get("_priority", 0))
+        if options.get("_restartable", True) is False:
+            o.flags |= lib.PICLOUD_JOB_NO_RERUN
+        label = options.get("_label", name)
+        o.name = self._str(label)
+        o.workdir = self._str(os.getcwd())
+        env = options.get("_env") or {}
+        if env:
+            entries = [self._str(f"{k}={v}") for k, v in env.items()]
+            arr = ffi.new("const char *[]", entries)
+            self.keep.append(arr)
+            o.env, o.env_len = arr, len(entries)
+        depends = options.get("_depends_on")
+        if depends is not None:
+            if isinstance(depends, int):
+                depends = [depends]
+            seqs = sorted({Jid.seq.fget(int(j)) if not isinstance(j, Jid) else j.seq for j in depends})
+            arr = ffi.new("uint64_t[]", seqs)
+            self.keep.append(arr)
+            o.depend_on, o.depend_len = arr, len(seqs)
+            errors = options.get("_depends_on_errors", "abort")
+            if errors not in ("abort", "ignore"):
+                raise ValueError("_depends_on_errors must be 'abort' or 'ignore'")
+            o.depend_mode = lib.PICLOUD_DEPEND_AFTEROK if errors == "abort" else lib.PICLOUD_DEPEND_AFTERANY
+        self.c = o
+
+    def _str(self, text):
+        c = cstr(str(text))
+        self.keep.append(c)
+        return c
+
+
+def _submit(s, function, arg_blobs, segments, options, name):
+    """Submits one job of ``len(arg_blobs)`` tasks; returns its sequence number."""
+    keep = []
+    call = ffi.new("picloud_python_call *")
+    call.struct_size = ffi.sizeof("picloud_python_call")
+    call.kill_process = 1 if options.get("_kill_process") else 0
+    interp = cstr(sys.executable)
+    paths = [cstr(p) for p in sys.path if p]
+    path_arr = ffi.new("const char *[]", paths)
+    call.interpreter = interp
+    call.sys_path, call.sys_path_len = path_arr, len(paths)
+    fn = ffi.from_buffer(function)
+    call.function.data, call.function.len = fn, len(function)
+    args = ffi.new("picloud_bytes[]", len(arg_blobs))
+    for i, blob in enumerate(arg_blobs):
+        buf = ffi.from_buffer(blob)
+        keep.append(buf)
+        args[i].data, args[i].len = buf, len(blob)
+    call.args, call.args_len = args, len(arg_blobs)
+    names = [cstr(n) for n in dict.fromkeys(segments)]
+    name_arr = ffi.new("const char *[]", names) if names else ffi.NULL
+    call.segments, call.segments_len = name_arr, len(names)
+    opts = _Options(options, name)
+    seq = ffi.new("uint64_t *")
+    check(lib.picloud_client_submit_python(s.client(), call, opts.c, seq))
+    return seq[0]
+
+
+def _function_name(func):
+    return getattr(func, "__name__", type(func).__name__)[:200] or "call"
+
+
+def call(func, *args, **kwargs):
+    """Runs ``func(*args, **kwargs)`` on the cluster; returns its :class:`Jid`.
+
+    Reserved keywords: ``_cores``, ``_memory`` (MiB, or e.g. ``"2gb"``),
+    ``_depends_on`` (jids), ``_depends_on_errors`` (``"abort"`` or
+    ``"ignore"``), ``_label``, ``_priority``, ``_max_runtime`` (minutes),
+    ``_restartable``, ``_kill_process``, ``_env`` (a dict).
+    """
+    options = _split_reserved(kwargs)
+    s = session()
+    function = _pickle_function(func)
+    segments = []
+    blob, names = _encode_args(s, args, kwargs, segments)
+    seq = _submit(s, function, [blob], names, options, _function_name(func))
+    _remember(s, seq, names, segments)
+    return Jid(seq)
+
+
+def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
+    """Runs ``func`` on each element (``zip`` of ``iterables``); returns one
+    :class:`Jid` per element. Reserved keywords as for :func:`call`."""
+    options = _split_reserved(kwargs)
+    s = session()
+    function = _pickle_function(func)
+    name = _function_name(func)
+    jids = []
+    blobs, names, segments, size = [], [], [], 0
+
+    def flush():
+        if not blobs:
+            return
+        seq = _submit(s, function, blobs, names, options, name)
+        _remember(s, seq, names, list(segments))
+        jids.extend(Jid(seq, i) for i in range(len(blobs)))
+        blobs.clear(), names.clear(), segments.clear()
+
+    for i, element in enumerate(zip(*iterables)):
+        blob, used = _encode_args(s, element, {}, segments, where=f" of element {i}")
+        if blobs and (size + len(blob) > BATCH_BYTES or len(blobs) >= BATCH_ELEMENTS):
+            flush()
+            size = 0
+        blobs.append(blob)
+        names.extend(used)
+        size += len(blob)
+    flush()
+    return jids
+
+
+_live_mappings = weakref.WeakValueDictionary()
+
+
+def _remember(s, seq, names, segments):
+    s.submitted.append(seq)
+    # The job must keep its argument segments until it has ended: hold the
+    # mappings (ours, and those of picloud.array arrays it refers to).
+    held = list(segments)
+    for name in names:
+        mapping = _live_mappings.get(name)
+        if mapping is not None:
+            held.append(mapping)
+    for seg in segments:
+        _live_mappings[seg.name] = seg.mapping
+    if held:
+        s.job_segments[seq] = held
+
+
+# --------------------------------------------------------------------------
+# Waiting and results
+
+
+def _as_list(jids):
+    if isinstance(jids, int):
+        return [jids], True
+    return [j if isinstance(j, Jid) else Jid(int(j) >> 32, None) if int(j) & 0xFFFFFFFF == 0
+            else Jid(int(j) >> 32, (int(j) & 0xFFFFFFFF) - 1) for j in jids], False
+
+
+def _jid(j):
+    if isinstance(j, Jid):
+        return j
+    j = int(j)
+    low = j & 0xFFFFFFFF
+    return Jid(j >> 32, None if low == 0 else low - 1)
+
+
+def _wait(s, seqs, timeout, mode=None):
+    """Waits until every (or, with WAIT_ANY, one) job has ended; slices the
+    wait so that Ctrl-C is seen. Returns the ended flags."""
+    mode = lib.PICLOUD_WAIT_ALL if mode is None else mode
+    seqs = list(dict.fromkeys(seqs))
+    arr = ffi.new("uint64_t[]", seqs)
+    ended = ffi.new("uint8_t[]", len(seqs))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        slice_ms = 200 if left is None else int(min(left, 0.2) * 1000)
+        rc = lib.picloud_client_wait(s.client(), arr, len(seqs), slice_ms, mode, ended)
+        if rc == 0:
+            return dict(zip(seqs, (bool(e) for e in ended)))
+        if rc != lib.PICLOUD_ERR_TIMEOUT:
+            check(rc)
+        if left is not None and left <= 0.2:
+            raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(seqs)} job(s); they go on")
+
+
+class _Task:
+    """One task's end, as libpicloud reported it."""
+
+    __slots__ = ("state", "exit_status", "outcome", "comment", "value", "error", "traceback", "stdout",
+                 "stderr", "segments", "node", "cput_ms", "walltime_ms", "mem", "id")
+
+
+def _string(ptr, n):
+    return ffi.unpack(ptr, n).decode(errors="replace") if n else ""
+
+
+def _fetch(s, seq):
+    """Every task of job ``seq``: a list indexed by array index (one entry for a call)."""
+    out = ffi.new("picloud_results **")
+    check(lib.picloud_client_results(s.client(), seq, -1, out))
+    results = ffi.gc(out[0], lib.picloud_results_free)
+    n = ffi.new("size_t *")
+    check(lib.picloud_results_len(results, n))
+    tasks = []
+    r = ffi.new("picloud_task_result *")
+    name = ffi.new("char **")
+    for i in range(n[0]):
+        r.struct_size = ffi.sizeof("picloud_task_result")
+        check(lib.picloud_results_get(results, i, r))
+        t = _Task()
+        t.state = r.state
+        t.exit_status = r.exit_status if r.has_exit_status else None
+        t.outcome = r.outcome
+        t.comment = _string(r.comment, r.comment_len)
+        t.value = ffi.unpack(ffi.cast("char *", r.value), r.value_len) if r.value_len else b""
+        t.error = _string(r.error, r.error_len)
+        t.traceback = _string(r.traceback, r.traceback_len)
+        t.stdout = _string(ffi.cast("char *", r.stdout_data), r.stdout_len)
+        t.stderr = _string(ffi.cast("char *", r.stderr_data), r.stderr_len)
+        t.node = _string(r.node, r.node_len)
+        t.id = _string(r.id, r.id_len)
+        t.cput_ms, t.walltime_ms, t.mem = r.cput_ms, r.walltime_ms, r.mem_bytes
+        t.segments = []
+        for j in range(r.segments_len):
+            check(lib.picloud_results_segment(results, i, j, ffi.cast("const char **", name)))
+            t.segments.append(ffi.string(name[0]).decode())
+        tasks.append(t)
+    return tasks
+
+
+_cache = {}
+_cache_lock = threading.Lock()
+
+
+def _tasks(s, seq, refresh=False):
+    with _cache_lock:
+        tasks = _cache.get(seq)
+    if tasks is None or refresh:
+        tasks = _fetch(s, seq)
+        if all(t.exit_status is not None for t in tasks):
+            with _cache_lock:
+                _cache[seq] = tasks
+            # Ended: its argument segments may go.
+            s.job_segments.pop(seq, None)
+    return tasks
+
+
+def _task(s, jid):
+    tasks = _tasks(s, jid.seq)
+    return tasks[jid.index or 0]
+
+
+def _status_word(state, exit_status, comment=""):
+    if state == lib.PICLOUD_STATE_HELD:
+        return "waiting"
+    if state == lib.PICLOUD_STATE_QUEUED:
+        return "queued"
+    if state != lib.PICLOUD_STATE_FINISHED:
+        return "processing"
+    if exit_status == 0:
+        return "done"
+    if exit_status == EXIT_KILLED and "deleted" in comment:
+        return "killed"
+    if exit_status == EXIT_NEVER_RAN:
+        return "stalled"
+    return "error"
+
+
+def _value(s, jid, t, ignore_errors):
+    word = _status_word(t.state, t.exit_status, t.comment)
+    if t.outcome == lib.PICLOUD_OUTCOME_RETURNED:
+        return _payload.decode(t.value, lambda name: memoryview(s.map_segment(name).mapping))
+    remote = None
+    if t.outcome == lib.PICLOUD_OUTCOME_RAISED and t.value:
+        try:
+            remote = _payload.decode(t.value, lambda name: memoryview(s.map_segment(name).mapping))
+        except Exception:
+            remote = None
+    if t.outcome in (lib.PICLOUD_OUTCOME_RAISED, lib.PICLOUD_OUTCOME_LOAD_FAILED):
+        message = f"job {t.id} failed: {t.error}"
+        if t.traceback:
+            message += "\nRemote traceback:\n" + t.traceback.rstrip()
+    else:
+        message = f"job {t.id} {word}: {t.comment or f'exit status {t.exit_status}'}"
+    exc = CloudException(message, jid=jid, status=word, remote=remote)
+    if ignore_errors:
+        return exc
+    raise exc
+
+
+def _progress(s, seqs, total):
+    """A progress bar for long maps, when it can be shown; else None."""
+    if total < PROGRESS_MIN:
+        return None
+    interactive = sys.stdout.isatty() or "ipykernel" in sys.modules
+    if not interactive:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="job")
+
+
+def _wait_with_progress(s, jids, timeout):
+    seqs = list(dict.fromkeys(j.seq for j in jids))
+    bar = _progress(s, seqs, len(jids))
+    if bar is None:
+        return _wait(s, seqs, timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        status = ffi.new("picloud_task_status *")
+        while True:
+            done = 0
+            for seq in seqs:
+                status.struct_size = ffi.sizeof("picloud_task_status")
+                check(lib.picloud_client_status(s.client(), seq, -1, status))
+                done += status.array_finished if status.is_array else int(status.state == lib.PICLOUD_STATE_FINISHED)
+            bar.update(done - bar.n)
+            try:
+                return _wait(s, seqs, 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
+            except CloudTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(seqs)} job(s); they go on")
+    finally:
+        bar.close()
+
+
+def result(jids, timeout=None, ignore_errors=False):
+    """The value of each job (one value for one jid), waiting for them.
+    A job that failed raises :class:`CloudException`, or with
+    ``ignore_errors=True`` is returned as one. ``timeout`` (seconds) raises
+    :class:`CloudTimeoutError`; the jobs go on."""
+    jids, single = _as_list(jids)
+    s = session()
+    _wait_with_progress(s, jids, timeout)
+    values = [_value(s, j, _task(s, j), ignore_errors) for j in jids]
+    return values[0] if single else values
+
+
+def iresult(jids, timeout=None, ignore_errors=False):
+    """Yields the value of each job in order, each as soon as it is ready."""
+    jids, _ = _as_list(jids)
+    s = session()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    i = 0
+    while i < len(jids):
+        seq = jids[i].seq
+        delay = 0.001
+        while True:
+            tasks = _tasks(s, seq, refresh=True)
+            ready = []
+            while i < len(jids) and jids[i].seq == seq and tasks[jids[i].index or 0].exit_status is not None:
+                ready.append(jids[i])
+                i += 1
+            for j in ready:
+                yield _value(s, j, tasks[j.index or 0], ignore_errors)
+            if i >= len(jids) or jids[i].seq != seq:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise CloudTimeoutError(f"timed out after {timeout} s; the jobs go on")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+def join(jids, timeout=None, ignore_errors=False):
+    """Waits until the jobs have ended; raises :class:`CloudException` for
+    the first that failed unless ``ignore_errors``."""
+    jids, _ = _as_list(jids)
+    s = session()
+    _wait_with_progress(s, jids, timeout)
+    if not ignore_errors:
+        for j in jids:
+            t = _task(s, j)
+            if t.exit_status != 0:
+                _value(s, j, t, False)
+
+
+def status(jids):
+    """PiCloud's words for where each job stands: ``waiting``, ``queued``,
+    ``processing``, ``done``, ``error``, ``stalled`` or ``killed``."""
+    jids, single = _as_list(jids)
+    s = session()
+    out = ffi.new("picloud_task_status *")
+    words = []
+    for j in jids:
+        with _cache_lock:
+            cached = _cache.get(j.seq)
+        if cached is not None:
+            t = cached[j.index or 0]
+            words.append(_status_word(t.state, t.exit_status, t.comment))
+            continue
+        out.struct_size = ffi.sizeof("picloud_task_status")
+        check(lib.picloud_client_status(s.client(), j.seq, -1 if j.index is None else j.index, out))
+        if out.state == lib.PICLOUD_STATE_FINISHED:
+            # The comment tells killed from failed.
+            t = _task(s, j)
+            words.append(_status_word(t.state, t.exit_status, t.comment))
+        else:
+            words.append(_status_word(out.state, out.exit_status if out.has_exit_status else None))
+    return words[0] if single else words
+
+
+_INFO = ("status", "stdout", "stderr", "runtime", "cputime", "memory", "exception", "exit_status",
+         "node", "comment", "job_id")
+
+
+def info(jids, info_requested=None):
+    """Facts about each job, as a dict per jid (all of them, or those named
+    in ``info_requested``): status, stdout, stderr, runtime and cputime
+    (seconds), memory (peak bytes), exception (the remote traceback),
+    exit_status, node, comment, job_id."""
+    jids, single = _as_list(jids)
+    wanted = _INFO if info_requested is None else tuple(info_requested)
+    unknown = [w for w in wanted if w not in _INFO]
+    if unknown:
+        raise ValueError(f"unknown info {unknown}; known: {', '.join(_INFO)}")
+    s = session()
+    out = {}
+    for j in jids:
+        tasks = _tasks(s, j.seq, refresh=True)
+        t = tasks[j.index or 0]
+        full = {
+            "status": _status_word(t.state, t.exit_status, t.comment),
+            "stdout": t.stdout,
+            "stderr": t.stderr,
+            "runtime": t.walltime_ms / 1000,
+            "cputime": t.cput_ms / 1000,
+            "memory": t.mem,
+            "exception": (t.traceback or t.error) or None,
+            "exit_status": t.exit_status,
+            "node": t.node or None,
+            "comment": t.comment or None,
+            "job_id": t.id,
+        }
+        out[j] = {k: full[k] for k in wanted}
+    return out[jids[0]] if single else out
+
+
+def kill(jids=None):
+    """Kills the jobs (all jobs submitted by this process when None)."""
+    s = session()
+    if jids is None:
+        targets = [(seq, -1) for seq in s.submitted]
+    else:
+        jids, _ = _as_list(jids)
+        targets = [(j.seq, -1 if j.index is None else j.index) for j in jids]
+    for seq, index in dict.fromkeys(targets):
+        rc = lib.picloud_client_cancel(s.client(), seq, index)
+        # A job that has already ended is fine to "kill".
+        if rc not in (0, lib.PICLOUD_ERR_SERVER):
+            check(rc)
+
+
+def delete(jids):
+    """Kills the jobs if they still run and forgets their results here,
+    releasing the shared memory they held for this process. (The server
+    forgets finished jobs after its ``--keep-finished`` time.)"""
+    kill(jids)
+    jids, _ = _as_list(jids)
+    s = session()
+    for seq in {j.seq for j in jids}:
+        with _cache_lock:
+            tasks = _cache.pop(seq, None)
+        s.job_segments.pop(seq, None)
+        for t in tasks or ():
+            for name in t.segments:
+                s.result_segments.pop(name, None)
+
+
+# --------------------------------------------------------------------------
+# Shared memory
+
+
+def array(shape, dtype=float):
+    """A numpy array allocated in a shared-memory segment: passed to
+    ``call``/``map``, workers read it in place, without a copy."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    count = 1
+    for n in (shape if isinstance(shape, tuple) else (shape,)):
+        count *= int(n)
+    nbytes = max(1, count * dtype.itemsize)
+    s = session()
+    seg = s.create_segment(nbytes)
+    _live_mappings[seg.name] = seg.mapping
+    return np.ndarray(shape, dtype=dtype, buffer=seg.mapping)

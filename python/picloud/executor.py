@@ -1,0 +1,86 @@
+"""``picloud.Executor``: a ``concurrent.futures.Executor`` whose tasks are
+picloud jobs, so ``as_completed`` and ``wait`` work on them.
+
+``submit`` is ``cloud.call``; one background thread, with its own server
+connection, waits for any pending job to end and completes its future.
+"""
+
+import concurrent.futures
+import threading
+
+from . import cloud
+from ._ffi import ffi, lib
+from ._session import session
+
+
+class Executor(concurrent.futures.Executor):
+    """Runs each submitted call as a picloud job. ``call_options`` (reserved
+    keywords such as ``_cores``) apply to every job."""
+
+    def __init__(self, **call_options):
+        unknown = set(call_options) - cloud._RESERVED
+        if unknown:
+            raise TypeError(f"unknown options {sorted(unknown)}")
+        self._options = call_options
+        self._pending = {}          # seq -> Future
+        self._lock = threading.Condition()
+        self._shutdown = False
+        self._thread = None
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to an Executor that was shut down")
+        jid = cloud.call(fn, *args, **{**kwargs, **self._options})
+        future = concurrent.futures.Future()
+        future.jid = jid
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            self._pending[jid.seq] = future
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="picloud-executor", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        return future
+
+    def _watch(self):
+        s = session()
+        while True:
+            with self._lock:
+                while not self._pending and not self._shutdown:
+                    self._lock.wait()
+                if not self._pending:
+                    return
+                seqs = list(self._pending)
+            try:
+                ended = cloud._wait(s, seqs, 0.2, mode=lib.PICLOUD_WAIT_ANY)
+            except cloud.CloudTimeoutError:
+                continue
+            except Exception as e:  # the connection broke: fail what is pending
+                with self._lock:
+                    pending, self._pending = self._pending, {}
+                for future in pending.values():
+                    future.set_exception(e)
+                s.reset_client()
+                continue
+            for seq, done in ended.items():
+                if not done:
+                    continue
+                with self._lock:
+                    future = self._pending.pop(seq, None)
+                if future is None:
+                    continue
+                try:
+                    future.set_result(cloud.result(future.jid))
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            self._shutdown = True
+            pending = dict(self._pending) if cancel_futures else {}
+            self._lock.notify()
+        if pending:
+            cloud.kill([f.jid for f in pending.values()])
+        if wait and self._thread is not None:
+            self._thread.join()
