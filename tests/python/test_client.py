@@ -1,0 +1,264 @@
+"""The `picloud` Python API (`import picloud as cloud`) through the real
+libpicloud C ABI against a real server and agent."""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON_DIR, Cluster
+
+import picloud as cloud
+from picloud import _ffi
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with tempfile.TemporaryDirectory(prefix="picloud-client-") as d:
+        os.chmod(d, 0o755)
+        c = Cluster(d)
+        cloud.init(c.dir)
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+def test_call_and_map_with_lambdas_and_closures(cluster):
+    offset = 100
+
+    def add(x, y=0):
+        return x + y + offset
+
+    assert cloud.result(cloud.call(add, 1, y=2)) == 103
+    jids = cloud.map(lambda x, y: x * y, range(50), range(50))
+    assert len(jids) == 50 and len(set(jids)) == 50
+    assert cloud.result(jids) == [i * i for i in range(50)]
+    assert list(cloud.iresult(jids[:5])) == [0, 1, 4, 9, 16]
+    cloud.join(jids)
+    assert cloud.status(jids[:3]) == ["done"] * 3
+
+
+def test_a_long_map_is_submitted_in_batches(cluster, monkeypatch):
+    monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 400)
+    jids = cloud.map(lambda x: -x, range(1000))
+    assert len({j.seq for j in jids}) == 3
+    assert cloud.result(jids) == [-i for i in range(1000)]
+
+
+def test_exceptions_come_back_with_the_remote_traceback(cluster):
+    def fails(x):
+        raise KeyError(f"missing {x}")
+
+    jid = cloud.call(fails, 5)
+    with pytest.raises(cloud.CloudException) as info:
+        cloud.result(jid)
+    e = info.value
+    assert e.jid == jid and e.status == "error"
+    assert "KeyError" in str(e) and "missing 5" in str(e) and "in fails" in str(e)
+    assert isinstance(e.remote, KeyError)
+    returned = cloud.result([jid], ignore_errors=True)[0]
+    assert isinstance(returned, cloud.CloudException)
+    assert cloud.status(jid) == "error"
+    facts = cloud.info(jid)
+    assert facts["status"] == "error" and "KeyError" in facts["exception"]
+    with pytest.raises(cloud.CloudException):
+        cloud.join([jid])
+
+
+def test_unpicklable_argument_raises_at_once_and_submits_nothing(cluster):
+    from picloud._session import session
+
+    before = list(session().submitted)
+    with pytest.raises(TypeError) as info:
+        cloud.call(lambda a, b: None, 1, threading.Lock())
+    assert "argument 1" in str(info.value) and "lock" in str(info.value).lower()
+    with pytest.raises(TypeError) as info:
+        cloud.map(lambda a: None, [1, threading.Lock()])
+    assert "element 1" in str(info.value)
+    assert session().submitted == before
+
+
+def test_result_timeout_leaves_the_job_running(cluster):
+    jid = cloud.call(time.sleep, 30)
+    with pytest.raises(cloud.CloudTimeoutError):
+        cloud.result(jid, timeout=0.3)
+    assert cloud.status(jid) in ("processing", "queued")
+    cloud.kill(jid)
+    cloud.join(jid, ignore_errors=True)
+    assert cloud.status(jid) == "killed"
+
+
+def test_unknown_job_ids_are_clear_errors(cluster):
+    with pytest.raises(_ffi.UnknownJob) as info:
+        cloud.status(cloud.Jid(999_999))
+    assert "999999" in str(info.value)
+
+
+def test_reserved_keywords(cluster):
+    assert cloud.result(cloud.call(lambda: os.environ["COLOR"], _env={"COLOR": "blue"})) == "blue"
+    assert cloud.result(cloud.call(lambda: len(os.sched_getaffinity(0)), _cores=2)) == 2
+    pids = cloud.result([cloud.call(os.getpid, _kill_process=True) for _ in range(2)])
+    assert pids[0] != pids[1]
+    # _max_runtime is in minutes: 0.02 minutes is 1.2 s.
+    slow = cloud.call(time.sleep, 30, _max_runtime=0.02, _priority=10, _restartable=False)
+    with pytest.raises(cloud.CloudException) as info:
+        cloud.result(slow)
+    assert "walltime" in str(info.value)
+    labelled = cloud.call(lambda: 1, _label="my-label")
+    cloud.join(labelled)
+    stat = cluster.run("stat", "--json", labelled.job_id)
+    assert json.loads(stat.stdout)[0]["spec"]["name"] == "my-label", stat.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="memory limits need cgroups (root here)")
+def test_memory_limit(cluster):
+    jid = cloud.call(lambda: bytearray(512 << 20), _memory=64)
+    with pytest.raises(cloud.CloudException) as info:
+        cloud.result(jid)
+    assert "memory limit of 64.0 MiB" in str(info.value)
+
+
+def test_dependencies(cluster, tmp_path):
+    marker = tmp_path / "first-done"
+
+    def first():
+        time.sleep(0.3)
+        marker.write_text("x")
+
+    a = cloud.call(first)
+    b = cloud.call(lambda: marker.exists(), _depends_on=a)
+    assert cloud.result(b) is True
+    failing = cloud.call(lambda: 1 / 0)
+    never = cloud.call(lambda: 1, _depends_on=[failing])
+    ignored = cloud.call(lambda: 2, _depends_on=[failing], _depends_on_errors="ignore")
+    assert cloud.result(ignored) == 2
+    cloud.join(never, ignore_errors=True)
+    assert cloud.status(never) == "stalled"
+
+
+def test_info_stdout_and_resources(cluster):
+    def chatty():
+        print("hello from the job")
+        return sum(range(100_000))
+
+    jid = cloud.call(chatty)
+    cloud.join(jid)
+    facts = cloud.info(jid)
+    assert facts["stdout"] == "hello from the job\n"
+    assert facts["status"] == "done" and facts["exit_status"] == 0
+    assert facts["runtime"] >= 0 and facts["memory"] > 0
+    assert set(cloud.info(jid, ["stdout", "status"])) == {"stdout", "status"}
+
+
+def test_kill_and_delete(cluster):
+    jids = cloud.map(time.sleep, [30, 30])
+    cloud.kill(jids)
+    cloud.join(jids, ignore_errors=True)
+    assert cloud.status(jids) == ["killed", "killed"]
+    cloud.delete(jids)
+
+
+def test_executor_works_with_as_completed_and_wait(cluster):
+    with cloud.Executor() as ex:
+        futures = [ex.submit(pow, 2, i) for i in range(8)]
+        got = sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=60))
+        assert got == sorted(2**i for i in range(8))
+        bad = ex.submit(lambda: 1 / 0)
+        done, _ = concurrent.futures.wait([bad], timeout=60)
+        assert bad in done
+        assert isinstance(bad.exception(), cloud.CloudException)
+
+
+def test_function_from_a_module_workers_cannot_import(cluster, tmp_path):
+    module_dir = tmp_path / "scratch"
+    module_dir.mkdir()
+    (module_dir / "scratch_mod_for_picloud.py").write_text(textwrap.dedent("""
+        FACTOR = 7
+
+        def times(x):
+            return x * FACTOR
+    """))
+    sys.path.insert(0, str(module_dir))
+    try:
+        import scratch_mod_for_picloud as scratch
+    finally:
+        sys.path.remove(str(module_dir))
+    # Gone from the disk: only the pickled code can bring it to the worker.
+    shutil.rmtree(module_dir)
+    assert cloud.result(cloud.map(scratch.times, [1, 2, 3])) == [7, 14, 21]
+
+
+def test_a_1gib_array_argument_is_read_without_a_copy(cluster):
+    np = pytest.importorskip("numpy")
+    n = (1 << 30) // 8
+    arr = cloud.array((n,), np.float64)
+    arr[:] = 1.0
+
+    def total(a):
+        return float(a.sum()), a.flags.owndata
+
+    jid = cloud.call(total, arr)
+    value, owndata = cloud.result(jid)
+    assert value == float(n) and owndata is False
+    peak = cloud.info(jid, ["memory"])["memory"]
+    # The worker's peak holds the mapped array once (shared pages count in
+    # RSS) and Python itself; a copy would add another GiB.
+    assert peak < (1 << 30) + (400 << 20), peak
+
+
+def test_a_large_result_comes_back_through_shared_memory(cluster):
+    np = pytest.importorskip("numpy")
+    jid = cloud.call(lambda: np.arange(4 << 20, dtype=np.int64))
+    out = cloud.result(jid)
+    assert out.shape == (4 << 20,) and int(out[-1]) == (4 << 20) - 1
+    assert not out.flags.owndata
+
+
+def test_server_going_away_mid_result_is_an_error_not_a_hang(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    c = Cluster(tmp_path, name="goingaway")
+    try:
+        code = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(PYTHON_DIR)!r})
+            import picloud as cloud
+            cloud.init({str(c.dir)!r})
+            jid = cloud.call(time.sleep, 60)
+            print("submitted", flush=True)
+            try:
+                cloud.result(jid)
+            except Exception as e:
+                print("raised", type(e).__name__, e, flush=True)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "submitted"
+        time.sleep(0.3)
+        c.stop()
+        out, _ = proc.communicate(timeout=30)
+        assert out.startswith("raised"), out
+    finally:
+        c.stop()
+
+
+def test_embedded_default_starts_and_stops_a_local_cluster(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PICLOUD_DIR", "PICLOUD_SERVER")}
+    env["HOME"] = str(tmp_path)
+    env["PYTHONPATH"] = str(PYTHON_DIR)
+    code = "import picloud as cloud; print(cloud.result(cloud.map(lambda x: x*x, range(10))))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([x * x for x in range(10)])
+    # Stopped at exit: no picloud up of ours is left.
+    left = subprocess.run(["pgrep", "-f", f"picloud-{os.getuid()}-.* up"], capture_output=True, text=True)
+    assert not [p for p in left.stdout.split() if p], left.stdout
