@@ -6,8 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# The integration tests drive the real binary, so build it first.
-cargo build --workspace --bins --quiet
+export PATH="$HOME/.cargo/bin:$PATH"
+# What setup.sh installed must be used, not skipped: a stale C header, a
+# memory error under valgrind or a missing Python fails the run.
+export PICLOUD_REQUIRE_CBINDGEN=1 PICLOUD_REQUIRE_VALGRIND=1 PICLOUD_REQUIRE_PYTHON=1
+# The integration tests drive the real binary and the Python tests the real
+# library, so build both first, and point the Python client at them.
+cargo build --workspace --quiet
+target="${CARGO_TARGET_DIR:-$PWD/target}/debug"
+export PICLOUD_LIB="$target/libpicloud.so" PICLOUD_BIN="$target/picloud"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
