@@ -39,8 +39,17 @@ PROGRESS_MIN = 1000
 
 _RESERVED = {
     "_cores", "_memory", "_depends_on", "_depends_on_errors", "_label", "_priority",
-    "_max_runtime", "_restartable", "_kill_process", "_env",
+    "_max_runtime", "_restartable", "_kill_process", "_env", "_chunksize",
 }
+
+#: Elements per task of a ``map`` when ``_chunksize`` is not given: maps of
+#: up to this many tasks run one element per task; longer ones are chunked
+#: into about this many tasks (at most ``MAX_AUTO_CHUNK`` elements each).
+AUTO_CHUNK_TASKS = 256
+MAX_AUTO_CHUNK = 1000
+
+# Elements per task of each chunked map job, by sequence number.
+_chunksizes = {}
 
 
 class Jid(int):
@@ -261,24 +270,49 @@ def call(func, *args, **kwargs):
 
 def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
     """Runs ``func`` on each element (``zip`` of ``iterables``); returns one
-    :class:`Jid` per element. Reserved keywords as for :func:`call`."""
+    :class:`Jid` per element. Reserved keywords as for :func:`call`, plus
+    ``_chunksize``: elements per task (like ``Pool.map``'s chunksize; by
+    default 1 for maps of up to 256 elements, else about 256 tasks). Elements
+    of one task share its worker, its stdout and its fate if the worker dies;
+    each still has its own value or exception."""
     options = _split_reserved(kwargs)
+    elements = list(zip(*iterables))
+    chunk = options.pop("_chunksize", None)
+    if chunk is None:
+        chunk = 1 if len(elements) <= AUTO_CHUNK_TASKS else min(MAX_AUTO_CHUNK, -(-len(elements) // AUTO_CHUNK_TASKS))
+    chunk = int(chunk)
+    if chunk < 1:
+        raise ValueError("_chunksize must be at least 1")
     s = session()
-    function = _pickle_function(func)
     name = _function_name(func)
+    if chunk > 1:
+        from ._chunks import ChunkRunner
+
+        _pickle_function(func)   # checks it and marks its module
+        function = _pickle_function(ChunkRunner(func))
+        units = [tuple(elements[i:i + chunk]) for i in range(0, len(elements), chunk)]
+    else:
+        function = _pickle_function(func)
+        units = elements
     jids = []
-    blobs, names, segments, size = [], [], [], 0
+    blobs, names, segments, size, first = [], [], [], 0, 0
 
     def flush():
+        nonlocal first
         if not blobs:
             return
         seq = _submit(s, function, blobs, names, options, name)
         _remember(s, seq, names, list(segments))
-        jids.extend(Jid(seq, i) for i in range(len(blobs)))
+        count = sum(len(u) for u in units[first:first + len(blobs)]) if chunk > 1 else len(blobs)
+        if chunk > 1:
+            _chunksizes[seq] = chunk
+        jids.extend(Jid(seq, i) for i in range(count))
+        first += len(blobs)
         blobs.clear(), names.clear(), segments.clear()
 
-    for i, element in enumerate(zip(*iterables)):
-        blob, used = _encode_args(s, element, {}, segments, where=f" of element {i}")
+    for i, unit in enumerate(units):
+        where = f" of element {i}" if chunk == 1 else f" of elements {i * chunk}-{i * chunk + len(unit) - 1}"
+        blob, used = _encode_args(s, unit, {}, segments, where=where)
         if blobs and (size + len(blob) > BATCH_BYTES or len(blobs) >= BATCH_ELEMENTS):
             flush()
             size = 0
@@ -287,6 +321,13 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
         size += len(blob)
     flush()
     return jids
+
+
+def _task_index(jid):
+    """The array index of the task running ``jid`` (None for a call)."""
+    if jid.index is None:
+        return None
+    return jid.index // _chunksizes.get(jid.seq, 1)
 
 
 _live_mappings = weakref.WeakValueDictionary()
@@ -350,7 +391,7 @@ class _Task:
     """One task's end, as libpicloud reported it."""
 
     __slots__ = ("state", "exit_status", "outcome", "comment", "value", "error", "traceback", "stdout",
-                 "stderr", "segments", "node", "cput_ms", "walltime_ms", "mem", "id")
+                 "stderr", "segments", "node", "cput_ms", "walltime_ms", "mem", "id", "_decoded_value")
 
 
 def _string(ptr, n):
@@ -410,7 +451,7 @@ def _tasks(s, seq, refresh=False):
 
 def _task(s, jid):
     tasks = _tasks(s, jid.seq)
-    return tasks[jid.index or 0]
+    return tasks[_task_index(jid) or 0]
 
 
 def _status_word(state, exit_status, comment=""):
@@ -429,10 +470,52 @@ def _status_word(state, exit_status, comment=""):
     return "error"
 
 
+def _decoded(s, t):
+    """A task's decoded value, decoded once."""
+    if not hasattr(t, "_decoded_value"):
+        t._decoded_value = _payload.decode(t.value, lambda name: memoryview(s.map_segment(name).mapping))
+    return t._decoded_value
+
+
+def _element(jid, t):
+    """For an element of a chunked map whose task returned: its entry."""
+    chunk = _chunksizes.get(jid.seq, 1)
+    if chunk == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
+        return None
+    return t._decoded_value[jid.index % chunk]
+
+
+def _element_error(jid, t):
+    """``(exception, "Type: message", traceback)`` of a failed element of a chunked map."""
+    if _chunksizes.get(jid.seq, 1) == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
+        return None
+    _decoded(session(), t)
+    entry = _element(jid, t)
+    return None if entry[0] else entry[1:]
+
+
+def _element_status(jid, t):
+    word = _status_word(t.state, t.exit_status, t.comment)
+    if word == "done" and _element_error(jid, t):
+        return "error"
+    return word
+
+
 def _value(s, jid, t, ignore_errors):
     word = _status_word(t.state, t.exit_status, t.comment)
     if t.outcome == lib.PICLOUD_OUTCOME_RETURNED:
-        return _payload.decode(t.value, lambda name: memoryview(s.map_segment(name).mapping))
+        value = _decoded(s, t)
+        if _chunksizes.get(jid.seq, 1) == 1:
+            return value
+        entry = value[jid.index % _chunksizes[jid.seq]]
+        if entry[0]:
+            return entry[1]
+        _, remote, error, tb = entry
+        exc = CloudException(f"job {jid.job_id} ({t.id}) failed: {error}\nRemote traceback:\n{tb.rstrip()}",
+                             jid=jid, status="error", remote=remote)
+        if ignore_errors:
+            return exc
+        raise exc
     remote = None
     if t.outcome == lib.PICLOUD_OUTCOME_RAISED and t.value:
         try:
@@ -513,11 +596,11 @@ def iresult(jids, timeout=None, ignore_errors=False):
         while True:
             tasks = _tasks(s, seq, refresh=True)
             ready = []
-            while i < len(jids) and jids[i].seq == seq and tasks[jids[i].index or 0].exit_status is not None:
+            while i < len(jids) and jids[i].seq == seq and tasks[_task_index(jids[i]) or 0].exit_status is not None:
                 ready.append(jids[i])
                 i += 1
             for j in ready:
-                yield _value(s, j, tasks[j.index or 0], ignore_errors)
+                yield _value(s, j, tasks[_task_index(j) or 0], ignore_errors)
             if i >= len(jids) or jids[i].seq != seq:
                 break
             if deadline is not None and time.monotonic() > deadline:
@@ -535,7 +618,7 @@ def join(jids, timeout=None, ignore_errors=False):
     if not ignore_errors:
         for j in jids:
             t = _task(s, j)
-            if t.exit_status != 0:
+            if t.exit_status != 0 or _element_error(j, t):
                 _value(s, j, t, False)
 
 
@@ -550,15 +633,14 @@ def status(jids):
         with _cache_lock:
             cached = _cache.get(j.seq)
         if cached is not None:
-            t = cached[j.index or 0]
-            words.append(_status_word(t.state, t.exit_status, t.comment))
+            words.append(_element_status(j, cached[_task_index(j) or 0]))
             continue
+        index = _task_index(j)
         out.struct_size = ffi.sizeof("picloud_task_status")
-        check(lib.picloud_client_status(s.client(), j.seq, -1 if j.index is None else j.index, out))
+        check(lib.picloud_client_status(s.client(), j.seq, -1 if index is None else index, out))
         if out.state == lib.PICLOUD_STATE_FINISHED:
             # The comment tells killed from failed.
-            t = _task(s, j)
-            words.append(_status_word(t.state, t.exit_status, t.comment))
+            words.append(_element_status(j, _task(s, j)))
         else:
             words.append(_status_word(out.state, out.exit_status if out.has_exit_status else None))
     return words[0] if single else words
@@ -582,15 +664,16 @@ def info(jids, info_requested=None):
     out = {}
     for j in jids:
         tasks = _tasks(s, j.seq, refresh=True)
-        t = tasks[j.index or 0]
+        t = tasks[_task_index(j) or 0]
+        element_error = _element_error(j, t)
         full = {
-            "status": _status_word(t.state, t.exit_status, t.comment),
+            "status": _element_status(j, t),
             "stdout": t.stdout,
             "stderr": t.stderr,
             "runtime": t.walltime_ms / 1000,
             "cputime": t.cput_ms / 1000,
             "memory": t.mem,
-            "exception": (t.traceback or t.error) or None,
+            "exception": element_error[2] if element_error else (t.traceback or t.error) or None,
             "exit_status": t.exit_status,
             "node": t.node or None,
             "comment": t.comment or None,
@@ -607,7 +690,7 @@ def kill(jids=None):
         targets = [(seq, -1) for seq in s.submitted]
     else:
         jids, _ = _as_list(jids)
-        targets = [(j.seq, -1 if j.index is None else j.index) for j in jids]
+        targets = [(j.seq, -1 if _task_index(j) is None else _task_index(j)) for j in jids]
     for seq, index in dict.fromkeys(targets):
         rc = lib.picloud_client_cancel(s.client(), seq, index)
         # A job that has already ended is fine to "kill".

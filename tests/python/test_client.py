@@ -50,9 +50,32 @@ def test_call_and_map_with_lambdas_and_closures(cluster):
 
 def test_a_long_map_is_submitted_in_batches(cluster, monkeypatch):
     monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 400)
-    jids = cloud.map(lambda x: -x, range(1000))
+    jids = cloud.map(lambda x: -x, range(1000), _chunksize=1)
     assert len({j.seq for j in jids}) == 3
     assert cloud.result(jids) == [-i for i in range(1000)]
+
+
+def test_chunked_map_keeps_one_value_or_error_per_element(cluster):
+    def picky(x):
+        if x % 100 == 7:
+            raise ValueError(f"bad {x}")
+        return x * 2
+
+    jids = cloud.map(picky, range(2000))   # chunked automatically
+    assert len(jids) == 2000 and len(set(jids)) == 2000
+    values = cloud.result(jids, ignore_errors=True)
+    for i, v in enumerate(values):
+        if i % 100 == 7:
+            assert isinstance(v, cloud.CloudException) and f"bad {i}" in str(v), v
+        else:
+            assert v == i * 2
+    assert cloud.status([jids[6], jids[7]]) == ["done", "error"]
+    assert "bad 7" in cloud.info(jids[7], ["exception"])["exception"]
+    with pytest.raises(cloud.CloudException):
+        cloud.result(jids[7])
+    assert list(cloud.iresult(jids[:3])) == [0, 2, 4]
+    explicit = cloud.map(lambda x: x + 1, range(10), _chunksize=4)
+    assert cloud.result(explicit) == list(range(1, 11))
 
 
 def test_exceptions_come_back_with_the_remote_traceback(cluster):
