@@ -68,6 +68,7 @@ impl Running {
             tcp: None,
             keep_finished: Duration::from_secs(3600),
             core: Default::default(),
+            journal: picloud_scheduler::server::JournalConfig::disabled(),
         };
         let core = CoreThread::spawn(&config);
         let info = NodeInfo {

@@ -32,6 +32,40 @@ pub(crate) struct ServerArgs {
     /// Queue policy: fcfs, easy (FCFS with EASY backfill), sjf-easy, multifactor.
     #[arg(long, default_value = "multifactor")]
     policy: Policy,
+    #[command(flatten)]
+    journal: JournalArgs,
+}
+
+/// The journal's options, shared by `picloud server` and `picloud up`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct JournalArgs {
+    /// Keep no journal: start with an empty queue and forget every job when
+    /// the server stops (for benchmarks and throw-away clusters).
+    #[arg(long)]
+    no_journal: bool,
+    /// When journal writes are synced to disk: `always` (before each reply)
+    /// or `never` (a crash of the machine may lose the last acknowledged jobs).
+    #[arg(long, default_value = "always", value_name = "WHEN")]
+    fsync: picloud_scheduler::server::FsyncMode,
+}
+
+impl JournalArgs {
+    fn config(&self) -> picloud_scheduler::server::JournalConfig {
+        picloud_scheduler::server::JournalConfig {
+            enabled: !self.no_journal,
+            fsync: self.fsync,
+            ..Default::default()
+        }
+    }
+
+    /// The same options as arguments of `picloud server`.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["--fsync".to_string(), self.fsync.to_string()];
+        if self.no_journal {
+            args.push("--no-journal".into());
+        }
+        args
+    }
 }
 
 /// Arguments of `picloud agent`.
@@ -86,6 +120,8 @@ pub(crate) struct UpArgs {
     /// Seconds between SIGTERM and SIGKILL when a job is killed.
     #[arg(long, default_value = "5", value_parser = parse_duration)]
     kill_grace: Duration,
+    #[command(flatten)]
+    journal: JournalArgs,
 }
 
 /// Parses `3600`, `90s`, `30m`, `2h`, `1d`.
@@ -130,6 +166,7 @@ pub(crate) fn server(a: ServerArgs) -> anyhow::Result<()> {
         tcp: a.listen_tcp,
         keep_finished: a.keep_finished,
         core: CoreConfig { policy: a.policy, ..CoreConfig::default() },
+        journal: a.journal.config(),
     };
     picloud_scheduler::server::run(config)?;
     Ok(())
@@ -247,7 +284,9 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
 
     let keep = format!("{}", a.keep_finished.as_secs());
     let policy = a.policy.to_string();
+    let journal_args = a.journal.to_args();
     let mut server_args = vec!["server", "--keep-finished", &keep, "--policy", &policy];
+    server_args.extend(journal_args.iter().map(String::as_str));
     if let Some(name) = &a.name {
         server_args.extend(["--name", name]);
     }

@@ -100,6 +100,21 @@ pub enum Event {
     Tick,
 }
 
+/// A job as a restarted server rebuilds it: see [`Core::restore_job`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredJob {
+    /// What it asks for, except that `array` holds only the indices still
+    /// to start (a plain job is restored only while its task is to start),
+    /// and `depend` only the dependencies not known to be met.
+    pub request: Request,
+    /// Held by a user.
+    pub held: bool,
+    /// Whether a task of it that already ended failed.
+    pub any_failed: bool,
+    /// Outcomes of ended array tasks that other jobs depend on one by one.
+    pub task_outcomes: BTreeMap<u32, bool>,
+}
+
 /// Why a task ended without finishing on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndReason {
@@ -422,6 +437,26 @@ impl Core {
         array.contains(index) && !job.skipped.contains(&index) && position_of(array, index) >= job.cursor
     }
 
+    /// Rebuilds a job after a restart of the server: like a submission of
+    /// the tasks still to start, with what the job's ended tasks decided
+    /// (see [`RestoredJob`]). Jobs are restored in sequence order, after
+    /// every finished job they may depend on ([`Core::restore_finished`]).
+    /// A dependency that can never be met now ends the job at once (its
+    /// decisions go to `out`). Nothing starts until [`Core::apply`] runs.
+    pub fn restore_job(&mut self, seq: u64, job: RestoredJob, out: &mut Vec<Decision>) {
+        let RestoredJob { request, held, any_failed, task_outcomes } = job;
+        self.add_job(seq, request, held, any_failed, task_outcomes, out);
+    }
+
+    /// Remembers a job that finished before a restart of the server, so
+    /// that jobs depending on it can be restored: `success` is whether
+    /// every task of it succeeded.
+    pub fn restore_finished(&mut self, seq: u64, success: bool) {
+        if !self.jobs.contains_key(&seq) {
+            self.finished.insert(seq, success);
+        }
+    }
+
     /// Forgets the outcome of a finished job (it can no longer be depended on).
     pub fn forget(&mut self, seq: u64) {
         self.finished.remove(&seq);
@@ -528,21 +563,34 @@ impl Core {
     }
 
     fn submit(&mut self, seq: u64, request: Request, out: &mut Vec<Decision>) {
+        let held = request.hold;
+        self.add_job(seq, request, held, false, BTreeMap::new(), out);
+    }
+
+    fn add_job(
+        &mut self,
+        seq: u64,
+        request: Request,
+        held: bool,
+        any_failed: bool,
+        task_outcomes: BTreeMap<u32, bool>,
+        out: &mut Vec<Decision>,
+    ) {
         if self.jobs.contains_key(&seq) || self.finished.contains_key(&seq) {
             return; // a sequence number is used once
         }
         self.fair_share.add_user(request.user, self.now);
         let total = request.array.as_ref().map_or(1, ArrayIndices::len);
         let mut job = Job {
-            held: request.hold,
+            held,
             waiting_on: Vec::new(),
             cursor: 0,
             total,
             skipped: BTreeSet::new(),
             running: 0,
             ended: 0,
-            any_failed: false,
-            task_outcomes: BTreeMap::new(),
+            any_failed,
+            task_outcomes,
             eligible_since: self.now,
             priority: 0,
             queued: None,

@@ -15,16 +15,46 @@
 //! 4. answers the `wait`s whose jobs have all ended or whose time is up, and
 //!    every `PURGE_EVERY` (ten seconds) forgets the jobs finished longer ago
 //!    than `keep_finished`;
-//! 5. appends each agent's gathered starts as one `Start` frame;
-//! 6. publishes a new [`Snapshot`] if anything changed (an O(1) clone of the
-//!    persistent maps, see `jobs.rs`);
-//! 7. only then hands every connection's output to the I/O thread, one
-//!    message per connection tagged with the snapshot version, and wakes it
-//!    once.
+//! 5. appends each agent's gathered starts as one `Start` frame, and hands
+//!    agents their output at once unless it must wait for the sync (below);
+//! 6. writes the batch's changes to the journal with one `pwrite`
+//!    (`journal.rs`);
+//! 7. builds a new [`Snapshot`] if anything changed (an O(1) clone of the
+//!    persistent maps, see `jobs.rs`), and gathers every connection's output
+//!    into one message per connection, tagged with the snapshot's version;
+//! 8. hands both to the journal's syncer thread, which syncs the journal
+//!    once for every batch written since its last sync (group commit), then
+//!    publishes the snapshot, sends the messages to the I/O thread and wakes
+//!    it, batch after batch in order (without a journal, or with
+//!    `--fsync never`, this happens at once);
+//! 9. starts a snapshot of the state on a thread of its own when the
+//!    journal's segment is due for one (`run`).
 //!
-//! Step 7 after step 6 is what makes a reply a promise about snapshots: a
-//! client told "submitted" will find its job in any query it sends next.
+//! Publishing before sending is what makes a reply a promise about
+//! snapshots: a client told "submitted" will find its job in any query it
+//! sends next. Syncing before both makes it a promise about crashes: what a
+//! reply or a query tells is on disk first, so a server killed at any moment
+//! restarts (`restore.rs`) with every job it acknowledged. The core thread
+//! does not wait for the sync: it goes on with the next batch.
+//!
+//! Agents are not told anything a client could learn from, so their
+//! output need not wait for the sync: tasks start while it runs, and an
+//! array's throughput does not pay a sync per task. Two exceptions: a job
+//! whose submission is not synced yet must not run before it could survive
+//! a crash, so an agent's output that starts (or defines) such a job waits
+//! for the sync, as does the rest of that agent's output until it has left
+//! (an agent hears everything in order). After a crash, a task started
+//! without a durable `Started` is simply queued again (`restore.rs`).
+//!
+//! Every change of the job table goes through [`CoreLoop::record`], which
+//! appends it to the journal's open batch and applies it (`durable.rs`).
+//! Before a request that changes state is applied, room for what it will
+//! write is reserved in the journal: on a full disk the request is refused
+//! with an error and nothing is changed. A failed journal write stops the
+//! server without sending anything of its batch (the next start cuts the
+//! partial batch).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,10 +67,25 @@ use picloud_proto::{
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+use super::durable::{self, Change};
 use super::jobs::{JobRecord, JobTable};
+use super::journal::{self, Journal, JournalError, SyncTicket, Syncer};
 use super::snapshot::{NodeMap, NodeView, ServerFacts, Snapshot, Snapshots, View};
 use super::{Caller, ConnId, Inbound, Outbound, ServerConfig};
 use crate::core::{Core, Decision, Event, NodeId, Phase, Request};
+
+mod restore;
+
+/// A batch whose output the syncer released: (its number, the last
+/// sequence number it gave).
+type Released = (u64, u64);
+
+/// A change as the core thread records it: task ends are borrowed.
+type LiveChange<'a> = Change<&'a TaskEnd>;
+
+/// Journal space a request may use beyond its own record (the starts and
+/// ends it causes), reserved before it is accepted.
+const REQUEST_SLACK: u64 = 64 << 10;
 
 /// Most messages applied in one batch before its results are published and
 /// sent, so that a flood of input cannot hold back every reply.
@@ -132,6 +177,29 @@ pub struct CoreLoop {
     wake: Arc<dyn Fn() + Send + Sync>,
     snapshots: Snapshots,
     version: u64,
+    /// The journal, when the server keeps one.
+    journal: Option<Journal>,
+    /// The last snapshot written, by number.
+    last_snapshot: Option<u64>,
+    /// A snapshot being written: its number and thread.
+    snapshotting: Option<(u64, std::thread::JoinHandle<Result<u64, JournalError>>)>,
+    /// The journal had no room when last asked.
+    journal_full: bool,
+    /// Why the core thread stopped, if the journal failed.
+    failed: Option<JournalError>,
+    /// The thread that syncs the journal and then releases each batch's
+    /// output (with `--fsync always`).
+    syncer: Option<Syncer>,
+    /// Batches ended so far.
+    batch_no: u64,
+    /// Released batches, from the syncer.
+    synced: (Sender<Released>, Receiver<Released>),
+    /// Jobs up to this sequence number are on disk.
+    synced_seq: u64,
+    /// Agents with output waiting for a sync, and the last batch it is in.
+    pending_agents: HashMap<ConnId, u64>,
+    /// Agents' connections whose output this batch must wait for the sync.
+    hold_for_commit: Vec<ConnId>,
 }
 
 impl CoreLoop {
@@ -179,7 +247,60 @@ impl CoreLoop {
             out,
             wake: Arc::new(wake),
             version: 0,
+            journal: None,
+            last_snapshot: None,
+            snapshotting: None,
+            journal_full: false,
+            failed: None,
+            syncer: None,
+            batch_no: 0,
+            synced: crossbeam_channel::unbounded(),
+            synced_seq: 0,
+            pending_agents: HashMap::new(),
+            hold_for_commit: Vec::new(),
         }
+    }
+
+    /// A core loop that keeps its state in the journal of
+    /// `config.state_dir` (unless `config.journal` disables it): reads the
+    /// last snapshot and the journal after it, rebuilds the jobs and the
+    /// queue (`restore.rs`), and records what the restart itself changed.
+    /// Refuses (changing nothing) a damaged or newer journal.
+    pub fn open(
+        config: &ServerConfig,
+        out: Sender<Outbound>,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Self, JournalError> {
+        let mut core_loop = CoreLoop::new(config, out, wake);
+        if !config.journal.enabled {
+            return Ok(core_loop);
+        }
+        let t0 = Instant::now();
+        let (recovered, journal) = journal::open(&config.state_dir, &config.journal)?;
+        let replayed = durable::replay(&recovered)?;
+        core_loop.last_snapshot = recovered.snapshot_number;
+        if let Some((path, offset, bytes)) = &recovered.cut {
+            warn!(file = %path.display(), offset, bytes, "cut a torn batch at the end of the journal");
+        }
+        drop(recovered);
+        if config.journal.fsync == journal::FsyncMode::Always {
+            let syncer = Syncer::spawn().map_err(|source| JournalError::Io {
+                what: "start the journal's sync thread for",
+                path: journal.path().to_path_buf(),
+                source,
+            })?;
+            core_loop.syncer = Some(syncer);
+        }
+        core_loop.journal = Some(journal);
+        let (jobs, changes) = (replayed.jobs.map().len(), replayed.changes);
+        core_loop.restore(replayed);
+        core_loop.end_batch();
+        core_loop.sync_barrier();
+        if let Some(e) = core_loop.failed.take() {
+            return Err(e);
+        }
+        info!(jobs, changes, elapsed_ms = t0.elapsed().as_millis() as u64, "state restored from the journal");
+        Ok(core_loop)
     }
 
     /// Where this loop publishes its snapshots, for query threads.
@@ -189,8 +310,10 @@ impl CoreLoop {
 
     /// Runs batches (see the module doc) until [`Inbound::Stop`], a client's
     /// `Shutdown`, or every sender of `inbox` is gone. Then tells the agents
-    /// to shut down, fails pending waits, and sends [`Outbound::Stopped`].
-    pub fn run(mut self, inbox: Receiver<Inbound>) {
+    /// to shut down, fails pending waits, writes a snapshot, and sends
+    /// [`Outbound::Stopped`]. Fails if the journal could not be written
+    /// (the server then stops at once).
+    pub fn run(mut self, inbox: Receiver<Inbound>) -> Result<(), JournalError> {
         let _stopped = StoppedGuard { out: self.out.clone(), wake: self.wake.clone() };
         loop {
             match inbox.recv_deadline(self.next_deadline()) {
@@ -204,9 +327,13 @@ impl CoreLoop {
                 Err(RecvTimeoutError::Disconnected) => self.stopping = true,
             }
             self.end_batch();
+            self.snapshot_if_due();
             if self.stopping {
                 self.shut_down();
-                return;
+                return match self.failed.take() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
             }
         }
     }
@@ -234,13 +361,254 @@ impl CoreLoop {
         }
     }
 
-    /// Steps 3 to 7.
+    /// Steps 3 to 8.
     fn end_batch(&mut self) {
+        self.take_synced();
         self.refresh_phases();
         self.tick();
         self.flush_starts();
-        self.publish();
-        self.send_outbox();
+        self.send_to_agents_early();
+        let Some(ticket) = self.commit() else { return };
+        let snapshot = self.publishable();
+        self.release_batch(snapshot, ticket);
+    }
+
+    /// Notes the batches the syncer has released.
+    fn take_synced(&mut self) {
+        for (batch, seq) in self.synced.1.try_iter() {
+            self.synced_seq = self.synced_seq.max(seq);
+            self.pending_agents.retain(|_, b| *b > batch);
+        }
+    }
+
+    /// Waits until every batch handed to the syncer is synced and released
+    /// (before a new segment, at a stop; tests, to see a batch's output).
+    pub(crate) fn sync_barrier(&mut self) {
+        if let Some(s) = &self.syncer {
+            if let Err(e) = s.barrier() {
+                self.fail(e);
+            }
+        }
+        self.take_synced();
+    }
+
+    /// Steps 7 and 8: publishes the batch's snapshot and sends its output,
+    /// once its changes are synced (by the syncer, in batch order, or here
+    /// when nothing needs a sync and no syncer runs).
+    fn release_batch(&mut self, snapshot: Option<Snapshot>, ticket: Option<SyncTicket>) {
+        self.batch_no += 1;
+        let batch = self.batch_no;
+        let version = self.version;
+        let mut msgs = Vec::with_capacity(self.outbox.len());
+        for (conn, buf) in self.outbox.drain() {
+            if self.agent_conns.contains_key(&conn) {
+                self.pending_agents.insert(conn, batch);
+            }
+            msgs.push(Outbound::Send { conn, bytes: buf.bytes, answers: buf.answers, version });
+        }
+        let (snapshots, out, wake) = (self.snapshots.clone(), self.out.clone(), self.wake.clone());
+        let (synced, seq) = (self.synced.0.clone(), self.next_seq - 1);
+        let release = move || {
+            if let Some(snap) = snapshot {
+                snapshots.store(snap);
+            }
+            if !msgs.is_empty() {
+                for m in msgs {
+                    // A closed I/O side stops the core thread through its inbox.
+                    let _ = out.send(m);
+                }
+                wake();
+            }
+            let _ = synced.send((batch, seq));
+        };
+        match (&self.syncer, ticket) {
+            (Some(s), ticket) => s.after_sync(ticket, Box::new(release)),
+            (None, Some(ticket)) => match ticket.sync() {
+                Ok(()) => release(),
+                Err(e) => self.fail(e),
+            },
+            (None, None) => release(),
+        }
+    }
+
+    /// Step 5, the end: hands agents their output before the sync, unless
+    /// it must wait for it (see the module doc).
+    fn send_to_agents_early(&mut self) {
+        let hold = std::mem::take(&mut self.hold_for_commit);
+        if self.journal.is_none() {
+            return;
+        }
+        // Output of an agent with output still waiting for a sync waits
+        // too, so that an agent hears everything in order.
+        let early: Vec<ConnId> = self
+            .outbox
+            .keys()
+            .filter(|c| {
+                self.agent_conns.contains_key(c) && !hold.contains(c) && !self.pending_agents.contains_key(c)
+            })
+            .copied()
+            .collect();
+        for conn in &early {
+            let buf = self.outbox.remove(conn).expect("listed");
+            debug_assert_eq!(buf.answers, 0, "agents get no replies");
+            // Version 0: agents read no snapshots, and a version not yet
+            // published must not raise the I/O thread's floor.
+            let msg = Outbound::Send { conn: *conn, bytes: buf.bytes, answers: 0, version: 0 };
+            if self.out.send(msg).is_err() {
+                self.stopping = true;
+            }
+        }
+        if !early.is_empty() {
+            (self.wake)();
+        }
+    }
+
+    // ---- the journal
+
+    /// Records a change of the job table: appends it to the journal's open
+    /// batch and carries it out.
+    fn record<E: Borrow<TaskEnd> + Serialize>(&mut self, change: Change<E>) -> durable::Applied {
+        self.journal_only(&change);
+        durable::apply(&mut self.jobs, &change)
+    }
+
+    /// Appends a change already carried out to the journal's open batch.
+    fn journal_only<E: Borrow<TaskEnd> + Serialize>(&mut self, change: &Change<E>) {
+        if let Some(j) = &mut self.journal {
+            j.append(|buf| durable::encode(change, buf));
+        }
+    }
+
+    /// Reserves journal room for `bytes` more; the error says why a request
+    /// that needs it is refused.
+    fn room(&mut self, bytes: u64) -> Result<(), ProtoError> {
+        let Some(j) = &mut self.journal else { return Ok(()) };
+        match j.reserve(bytes) {
+            Ok(()) => {
+                if std::mem::take(&mut self.journal_full) {
+                    info!(file = %j.path().display(), "the journal has room again");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if !self.journal_full {
+                    tracing::error!(file = %j.path().display(), "no room in the journal ({e}): refusing changes");
+                }
+                self.journal_full = true;
+                Err(ProtoError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "the server cannot record this request: no room for its journal {} ({e}). Nothing was \
+                         changed; an administrator must free space on that file system",
+                        j.path().display()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Step 6: writes the batch's changes; the sync is the syncer's (see
+    /// `release`). `None` on failure (of this write or an earlier sync):
+    /// nothing of the batch may leave, and the loop stops.
+    fn commit(&mut self) -> Option<Option<SyncTicket>> {
+        if let Some(e) = self.syncer.as_ref().and_then(Syncer::failure) {
+            self.fail(e);
+            return None;
+        }
+        let Some(j) = &mut self.journal else { return Some(None) };
+        match j.commit() {
+            Ok(ticket) => Some(ticket),
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+
+    /// The journal failed: drops the batch's output and stops.
+    fn fail(&mut self, e: JournalError) {
+        tracing::error!("{e}; stopping the server (the journal holds every change acknowledged so far)");
+        self.outbox.clear();
+        if self.failed.is_none() {
+            self.failed = Some(e);
+        }
+        self.stopping = true;
+    }
+
+    /// The state a snapshot saves, borrowing the job map.
+    fn saved_nodes(&self) -> Vec<(NodeId, String)> {
+        self.nodes.iter().map(|(&n, v)| (n, v.name.clone())).collect()
+    }
+
+    /// Step 9: reaps a finished snapshot thread, and starts one when the
+    /// journal's segment is due for a snapshot.
+    fn snapshot_if_due(&mut self) {
+        if self.snapshotting.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+            self.reap_snapshot();
+        }
+        // Never after a failed write: the state is ahead of the disk.
+        let due = self.failed.is_none() && self.journal.as_ref().is_some_and(|j| j.snapshot_due());
+        if due && self.snapshotting.is_none() {
+            self.snapshot(true);
+        }
+    }
+
+    /// Waits for the snapshot thread, if any, and notes its outcome.
+    fn reap_snapshot(&mut self) {
+        let Some((n, thread)) = self.snapshotting.take() else { return };
+        match thread.join() {
+            Ok(Ok(bytes)) => {
+                debug!(snapshot = n, bytes, "snapshot written");
+                self.last_snapshot = Some(n);
+            }
+            Ok(Err(e)) => warn!("snapshot {n} failed, the journal keeps growing until one succeeds: {e}"),
+            Err(_) => warn!("the snapshot thread panicked"),
+        }
+    }
+
+    /// Starts a new journal segment and writes the state as of its start
+    /// as a snapshot, on a thread of its own or (`background` false) here.
+    /// Then removes what the snapshot before it made unnecessary: a
+    /// snapshot and the segments after it stay as a fallback.
+    fn snapshot(&mut self, background: bool) {
+        // Only the last segment may end unsynced.
+        self.sync_barrier();
+        if self.failed.is_some() {
+            return;
+        }
+        let Some(j) = &mut self.journal else { return };
+        let n = match j.rotate() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("cannot start a new journal segment, the current one keeps growing: {e}");
+                return;
+            }
+        };
+        let dir = j.dir().to_path_buf();
+        let fsync = j.config().fsync;
+        let keep_from = self.last_snapshot.unwrap_or(1);
+        let (next_seq, next_node, nodes) = (self.next_seq, self.next_node, self.saved_nodes());
+        let jobs = self.jobs.map().clone();
+        let write = move || {
+            let state = durable::SavedStateRef { next_seq, next_node, nodes, jobs: &jobs };
+            let bytes = journal::write_snapshot(&dir, n, fsync, |w| bincode::serialize_into(w, &state))?;
+            journal::prune(&dir, keep_from)?;
+            Ok(bytes)
+        };
+        if background {
+            match std::thread::Builder::new().name("snapshot".into()).spawn(write) {
+                Ok(t) => self.snapshotting = Some((n, t)),
+                Err(e) => warn!("cannot start the snapshot thread: {e}"),
+            }
+        } else {
+            match write() {
+                Ok(bytes) => {
+                    debug!(snapshot = n, bytes, "snapshot written");
+                    self.last_snapshot = Some(n);
+                }
+                Err(e) => warn!("snapshot {n} failed: {e}"),
+            }
+        }
     }
 
     fn view(&self) -> View<'_> {
@@ -286,23 +654,23 @@ impl CoreLoop {
         }
     }
 
-    /// Step 6.
-    fn publish(&mut self) {
+    /// Step 7, the first half: the snapshot to publish, if anything changed.
+    fn publishable(&mut self) -> Option<Snapshot> {
         let jobs_changed = self.jobs.take_changed();
         if !jobs_changed && !std::mem::take(&mut self.nodes_changed) {
-            return;
+            return None;
         }
         self.version += 1;
-        self.snapshots.store(Snapshot::new(
+        Some(Snapshot::new(
             self.version,
             self.facts.clone(),
             self.jobs.map().clone(),
             self.nodes.clone(),
             self.jobs.counts(),
-        ));
+        ))
     }
 
-    /// Step 7.
+    /// Sends the outbox at once (at a stop, once nothing waits for a sync).
     fn send_outbox(&mut self) {
         if self.outbox.is_empty() {
             return;
@@ -320,6 +688,20 @@ impl CoreLoop {
     // ---- requests
 
     fn on_request(&mut self, conn: ConnId, caller: &Caller, req: ClientRequest) {
+        let room = match &req {
+            ClientRequest::Submit(spec) => durable::encoded_size(spec) + REQUEST_SLACK,
+            ClientRequest::Cancel(refs) | ClientRequest::Release(refs) => {
+                REQUEST_SLACK * refs.len().max(1) as u64
+            }
+            _ => 0,
+        };
+        // Agents' reports must always find room: requests leave them some.
+        let reserve = self.journal.as_ref().map_or(0, |j| j.config().preallocate / 4);
+        if room > 0 {
+            if let Err(e) = self.room(room + reserve) {
+                return self.reply(conn, &ServerReply::Error(e));
+            }
+        }
         match req {
             ClientRequest::Submit(spec) => match self.submit(*spec, caller) {
                 Ok((seq, id)) => self.reply(conn, &ServerReply::Submitted { seq, id }),
@@ -394,22 +776,7 @@ impl CoreLoop {
             }
             _ => {}
         }
-        let (gpus, placement) = gpus_and_placement(&spec.resources.other).map_err(invalid)?;
-        let request = Request {
-            user: caller.uid,
-            resources: crate::core::ResourceRequest {
-                chunks: 1,
-                cores: spec.resources.ncpus,
-                mem: spec.resources.mem.unwrap_or(0),
-                gpus,
-                placement,
-            },
-            walltime: spec.resources.walltime.map(|s| s * 1000),
-            priority: spec.priority,
-            array: spec.array.clone(),
-            depend: spec.depend.iter().map(|d: &Dependency| (d.kind, d.on)).collect(),
-            hold: spec.hold,
-        };
+        let request = request_of(&spec, caller.uid).map_err(invalid)?;
         self.core.check_fits(&request).map_err(invalid)?;
         let view = self.view();
         if let Some(d) = spec.depend.iter().find(|d| !view.exists(&d.on)) {
@@ -426,10 +793,16 @@ impl CoreLoop {
                 deps.push(seq);
             }
         }
-        let record = JobRecord::new(seq, spec, caller.user.clone(), caller.uid, caller.gid, unix_now());
-        let id = record.id(&self.facts.name);
+        self.record(LiveChange::Submitted {
+            seq,
+            spec: Arc::new(spec),
+            user: caller.user.clone(),
+            uid: caller.uid,
+            gid: caller.gid,
+            ctime: unix_now(),
+        });
+        let id = self.jobs.get(seq).expect("just recorded").id(&self.facts.name);
         debug!(%id, user = %caller.user, "submitted");
-        self.jobs.insert(record);
         self.touched.push(seq);
         self.apply(Event::Submit { seq, request });
         // At once, for queries the core thread answers later in this batch.
@@ -472,6 +845,7 @@ impl CoreLoop {
             return RefOutcome::NotApplicable;
         }
         self.touched.push(r.seq());
+        self.record(LiveChange::Released { seq: r.seq() });
         self.apply(Event::Release(r));
         RefOutcome::Done
     }
@@ -494,6 +868,7 @@ impl CoreLoop {
             up: true,
             running: imbl::OrdSet::new(),
         };
+        self.journal_only(&LiveChange::NodeJoined { node, name: view.name.clone() });
         self.nodes.insert(node, Arc::new(view));
         self.nodes_changed = true;
         self.links.insert(node, AgentLink { conn: Some(conn), pending_starts: Vec::new() });
@@ -502,6 +877,14 @@ impl CoreLoop {
     }
 
     fn on_agent(&mut self, node: NodeId, msg: AgentMsg) {
+        if let AgentMsg::Finished(ends) = &msg {
+            // Reports cannot be refused: they take from the room that
+            // requests leave free.
+            let bytes = ends.iter().map(|e| durable::encoded_size(e) + 64).sum::<u64>();
+            if let Err(e) = self.room(bytes) {
+                warn!("{}", e.message);
+            }
+        }
         match msg {
             AgentMsg::Started(_) => {}
             AgentMsg::Finished(ends) => {
@@ -522,8 +905,7 @@ impl CoreLoop {
         if !self.jobs.get(task.seq).is_some_and(|j| j.is_running(task.index)) {
             return;
         }
-        let now = unix_now();
-        let Some(Some(success)) = self.jobs.update(task.seq, |j| j.finish(end, now)) else { return };
+        let Some(success) = self.record(LiveChange::Finished { end, time: unix_now() }) else { return };
         self.ended_since_check = true;
         self.touched.push(task.seq);
         self.forget_if_done(task.seq);
@@ -566,6 +948,9 @@ impl CoreLoop {
                 let (node, cpus, gpus) = (first.node, first.pus.clone(), first.gpus.clone());
                 let Some(conn) = self.links.get(&node).and_then(|l| l.conn) else { return };
                 let Some(job) = self.jobs.get(task.seq) else { return };
+                if task.seq > self.synced_seq && !self.hold_for_commit.contains(&conn) {
+                    self.hold_for_commit.push(conn);
+                }
                 let defined = self.defined_on.entry(task.seq).or_default();
                 if !defined.contains(&node) {
                     defined.push(node);
@@ -587,8 +972,7 @@ impl CoreLoop {
                 let job = self.jobs.get(task.seq).expect("checked above");
                 let (stdout_path, stderr_path) = job.output_paths(task.index);
                 let job_id = task.display_with(&self.facts.name);
-                let now = unix_now();
-                self.jobs.update(task.seq, |j| j.start(task.index, node, cpus.clone(), now));
+                self.record(LiveChange::Started { task, node, cpus: cpus.clone(), time: unix_now() });
                 self.touched.push(task.seq);
                 if let Some(n) = self.node_mut(node) {
                     n.running.insert(task);
@@ -602,7 +986,7 @@ impl CoreLoop {
             Decision::Kill { task, nodes } => {
                 let by = self.acting_user.clone();
                 if self.jobs.get(task.seq).is_some_and(|j| j.tasks.contains_key(&task.index)) {
-                    self.jobs.update(task.seq, |j| j.mark_cancelled(task.index, &by));
+                    self.record(LiveChange::KillSent { task, by: by.clone() });
                 }
                 for node in nodes {
                     self.send_to_node(node, &ToAgent::Kill { task, reason: format!("Job deleted by {by}") });
@@ -618,8 +1002,15 @@ impl CoreLoop {
                     .map(|n| n.name.clone())
                     .unwrap_or_default();
                 let by = self.acting_user.clone();
-                let now = unix_now();
-                if self.jobs.update(seq, |j| j.end(index, &reason, &by, &node_name, now)).is_some() {
+                let change = LiveChange::Ended {
+                    seq,
+                    index,
+                    reason: (&reason).into(),
+                    by,
+                    node_name,
+                    time: unix_now(),
+                };
+                if self.jobs.get(seq).is_some() && self.record(change).is_some() {
                     self.ended_since_check = true;
                     self.touched.push(seq);
                     self.forget_if_done(seq);
@@ -683,10 +1074,14 @@ impl CoreLoop {
                 }
             }
         }
-        if now - self.last_purge >= PURGE_EVERY {
+        // Forgetting can wait while the journal has no room for it.
+        if now - self.last_purge >= PURGE_EVERY && self.room(REQUEST_SLACK).is_ok() {
             self.last_purge = now;
             let cutoff = unix_now().saturating_sub(self.keep_finished.as_secs());
             let (purged, python) = self.jobs.purge(cutoff);
+            if !purged.is_empty() {
+                self.journal_only(&LiveChange::Purged { seqs: purged.clone() });
+            }
             for &seq in &purged {
                 self.core.forget(seq);
                 self.dependents.remove(&seq);
@@ -697,6 +1092,12 @@ impl CoreLoop {
                 let agents: Vec<NodeId> =
                     self.links.iter().filter(|(_, l)| l.conn.is_some()).map(|(&n, _)| n).collect();
                 for node in agents {
+                    // Segments are freed once the purge is on disk.
+                    if let Some(conn) = self.links.get(&node).and_then(|l| l.conn) {
+                        if !self.hold_for_commit.contains(&conn) {
+                            self.hold_for_commit.push(conn);
+                        }
+                    }
                     self.send_to_node(node, &ToAgent::Purged(python.clone()));
                 }
             }
@@ -704,6 +1105,8 @@ impl CoreLoop {
     }
 
     fn shut_down(&mut self) {
+        // Everything acknowledged goes out first, in order.
+        self.sync_barrier();
         let agents: Vec<NodeId> =
             self.links.iter().filter(|(_, l)| l.conn.is_some()).map(|(&n, _)| n).collect();
         for node in agents {
@@ -713,6 +1116,12 @@ impl CoreLoop {
             self.error(w.conn, ErrorKind::ShuttingDown, "the picloud server is shutting down");
         }
         self.send_outbox();
+        // A clean stop leaves a snapshot, so that the next start reads no
+        // journal; not after a failed write, whose batch is not on disk.
+        self.reap_snapshot();
+        if self.failed.is_none() && self.journal.as_ref().is_some_and(|j| !j.is_empty()) {
+            self.snapshot(false);
+        }
     }
 }
 
@@ -729,15 +1138,28 @@ pub struct CoreThread {
 }
 
 impl CoreThread {
-    /// Starts a core thread with no jobs and no nodes.
+    /// Starts a core thread with no jobs and no nodes, and no journal.
     pub fn spawn(config: &ServerConfig) -> Self {
-        let (to_core, inbox) = crossbeam_channel::unbounded();
         let (out, from_core) = crossbeam_channel::unbounded();
-        let core = CoreLoop::new(config, out, || {});
+        Self::start(CoreLoop::new(config, out, || {}), from_core)
+    }
+
+    /// Starts a core thread on the journal of `config` (see [`CoreLoop::open`]).
+    pub fn open(config: &ServerConfig) -> Result<Self, JournalError> {
+        let (out, from_core) = crossbeam_channel::unbounded();
+        Ok(Self::start(CoreLoop::open(config, out, || {})?, from_core))
+    }
+
+    fn start(core: CoreLoop, from_core: Receiver<Outbound>) -> Self {
+        let (to_core, inbox) = crossbeam_channel::unbounded();
         let snapshots = core.snapshots();
         let thread = std::thread::Builder::new()
             .name("core".into())
-            .spawn(move || core.run(inbox))
+            .spawn(move || {
+                if let Err(e) = core.run(inbox) {
+                    tracing::error!("the core thread stopped: {e}");
+                }
+            })
             .expect("spawning the core thread");
         CoreThread { to_core, from_core, snapshots, thread: Some(thread) }
     }
@@ -757,6 +1179,26 @@ impl Drop for CoreThread {
             }
         }
     }
+}
+
+/// What a submission asks of the scheduling core.
+fn request_of(spec: &JobSpec, uid: u32) -> Result<Request, String> {
+    let (gpus, placement) = gpus_and_placement(&spec.resources.other)?;
+    Ok(Request {
+        user: uid,
+        resources: crate::core::ResourceRequest {
+            chunks: 1,
+            cores: spec.resources.ncpus,
+            mem: spec.resources.mem.unwrap_or(0),
+            gpus,
+            placement,
+        },
+        walltime: spec.resources.walltime.map(|s| s * 1000),
+        priority: spec.priority,
+        array: spec.array.clone(),
+        depend: spec.depend.iter().map(|d: &Dependency| (d.kind, d.on)).collect(),
+        hold: spec.hold,
+    })
 }
 
 /// The GPUs (`-l ngpus=N`) and placement (`-l place=...`) a job asks for.

@@ -24,6 +24,10 @@
 //! Nothing here reads the scheduling core: where a job stands in the queue
 //! ([`Phase`]) is copied into its record by the core thread after each batch,
 //! so that a published record answers queries on its own.
+//!
+//! The records' serde form (everything but the phase) is the snapshots'
+//! format (`durable.rs`): a change of their fields needs a new
+//! `journal::FORMAT_VERSION`.
 
 use picloud_proto::{EXIT_CANCELLED, EXIT_NEVER_RAN};
 use std::collections::VecDeque;
@@ -35,10 +39,12 @@ use picloud_proto::{
     PythonOutcome, ResourcesUsed, TaskEnd, TaskId, TaskResult,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::core::{EndReason, NodeId, Phase};
 
 /// One started or ended task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct TaskRecord {
     pub(crate) node: Option<NodeId>,
     pub(crate) cpus: Vec<u32>,
@@ -68,14 +74,18 @@ impl TaskRecord {
         }
     }
 
-    fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.exit_status.is_some()
     }
 }
 
+fn unknown_phase() -> Phase {
+    Phase::Unknown
+}
+
 /// One submitted job or array. Cheap to clone: the submission is shared and
 /// the task records are a persistent map.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct JobRecord {
     pub(crate) seq: u64,
     pub(crate) spec: Arc<JobSpec>,
@@ -84,7 +94,11 @@ pub(crate) struct JobRecord {
     pub(crate) gid: u32,
     pub(crate) ctime: u64,
     /// Where the job stands in the core's queue, as of the last batch.
+    /// Not saved: the core is rebuilt after a restart, and tells it again.
+    #[serde(skip, default = "unknown_phase")]
     pub(crate) phase: Phase,
+    /// Held by a user (`qsub -h`), until released.
+    pub(crate) held: bool,
     /// Tasks that started or ended individually (key `None` for a plain job).
     pub(crate) tasks: imbl::OrdMap<Option<u32>, Arc<TaskRecord>>,
     /// How the array tasks that never started ended, when they ended together.
@@ -97,11 +111,20 @@ pub(crate) struct JobRecord {
 }
 
 impl JobRecord {
-    pub(crate) fn new(seq: u64, spec: JobSpec, user: Arc<str>, uid: u32, gid: u32, now: u64) -> Self {
+    pub(crate) fn new(
+        seq: u64,
+        spec: impl Into<Arc<JobSpec>>,
+        user: Arc<str>,
+        uid: u32,
+        gid: u32,
+        now: u64,
+    ) -> Self {
+        let spec = spec.into();
         let total = spec.array.as_ref().map_or(1, |a| a.len());
         JobRecord {
             seq,
-            spec: Arc::new(spec),
+            held: spec.hold,
+            spec,
             user,
             uid,
             gid,
@@ -150,6 +173,20 @@ impl JobRecord {
     /// Whether task `index` was started and has not ended.
     pub(crate) fn is_running(&self, index: Option<u32>) -> bool {
         self.tasks.get(&index).is_some_and(|t| !t.is_finished())
+    }
+
+    /// Tasks started and not ended, in index order.
+    pub(crate) fn running_tasks(&self) -> impl Iterator<Item = (Option<u32>, &TaskRecord)> + '_ {
+        self.tasks.iter().filter(|(_, t)| !t.is_finished()).map(|(&i, t)| (i, &**t))
+    }
+
+    /// Puts a running task back in the queue: it is again a task that has
+    /// not started (its node was lost and it may run again).
+    pub(crate) fn requeue(&mut self, index: Option<u32>) {
+        if self.is_running(index) {
+            self.tasks.remove(&index);
+            self.running -= 1;
+        }
     }
 
     /// Records that a kill was sent for task `index` on behalf of `by`.
@@ -240,6 +277,11 @@ impl JobRecord {
             JobRef::Task(_, i) => self.task_record(i).is_some_and(|t| t.is_finished()),
             _ => self.finished_at.is_some(),
         }
+    }
+
+    /// The exit status of array task `i`, once it has ended.
+    pub(crate) fn task_end(&self, i: u32) -> Option<i32> {
+        self.task_record(i).and_then(|t| t.exit_status)
     }
 
     /// Whether array task `i` exists.
@@ -585,6 +627,34 @@ impl JobTable {
         }
         self.changed |= !gone.is_empty();
         (gone, python)
+    }
+
+    /// Adds a job as it was saved, finished or not (a restart).
+    pub(crate) fn restore(&mut self, job: Arc<JobRecord>) {
+        self.counts.add(job.counts());
+        if let Some(t) = job.finished_at {
+            self.finished.push_back((t, job.seq));
+        }
+        if let Some(old) = self.map.insert(job.seq, job) {
+            self.counts.sub(old.counts());
+        }
+        self.changed = true;
+    }
+
+    /// Puts the finished jobs in the order they finished, for [`JobTable::purge`]
+    /// (after a restart restored them in another order).
+    pub(crate) fn sort_finished(&mut self) {
+        self.finished.make_contiguous().sort_unstable();
+    }
+
+    /// Removes these jobs (a replayed purge).
+    pub(crate) fn remove(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            if let Some(job) = self.map.remove(seq) {
+                self.counts.sub(job.counts());
+                self.changed = true;
+            }
+        }
     }
 
     /// Whether anything changed since the last call.

@@ -30,8 +30,21 @@
 //!    snapshot, without asking the core thread anything.
 //! 4. The **signal thread** waits for SIGTERM or SIGINT and sends
 //!    [`Inbound::Stop`]. The core thread then tells the agents to shut down,
-//!    fails pending waits, and sends [`Outbound::Stopped`]; the I/O thread
-//!    writes what it can within two seconds and returns.
+//!    fails pending waits, writes a snapshot, and sends
+//!    [`Outbound::Stopped`]; the I/O thread writes what it can within two
+//!    seconds and returns.
+//! 5. The journal's **sync thread** syncs each batch the core thread wrote,
+//!    then publishes its snapshot and hands its output to the I/O thread; a
+//!    **snapshot thread** now and then saves the whole state (`journal.rs`).
+//!
+//! Before anything listens, the core thread's state is read back from the
+//! journal in the state directory (`journal.rs` for the files, `durable.rs`
+//! for what they hold, `core_loop/restore.rs` for the rebuilding); a
+//! damaged or newer journal refuses the start and changes nothing. While it
+//! runs, the core thread writes every change of a batch to the journal, and
+//! the journal's sync thread syncs it before the batch's replies leave
+//! (`core_loop.rs`, steps 6 to 8); snapshots bound the journal
+//! (docs/durability.md).
 //!
 //! Snapshots are persistent maps (`imbl`), so publishing costs O(1) and each
 //! change O(log n) (see `jobs.rs`). Replies carry the version of the snapshot
@@ -53,8 +66,10 @@
 
 mod conn;
 mod core_loop;
+mod durable;
 mod io;
 mod jobs;
+mod journal;
 mod query;
 mod snapshot;
 
@@ -74,6 +89,7 @@ use picloud_proto::{AgentMsg, ClientRequest, NodeInfo};
 use tracing::{info, warn};
 
 pub use core_loop::{CoreLoop, CoreThread, MAX_BATCH};
+pub use journal::{FORMAT_VERSION, FsyncMode, JournalConfig, JournalError, journal_dir};
 pub use picloud_proto::{EXIT_CANCELLED, EXIT_NEVER_RAN};
 pub use snapshot::{Snapshot, Snapshots};
 
@@ -90,6 +106,8 @@ pub struct ServerConfig {
     pub keep_finished: Duration,
     /// The scheduling policy and its parameters.
     pub core: crate::core::CoreConfig,
+    /// The journal: whether there is one, and how it syncs.
+    pub journal: JournalConfig,
 }
 
 /// Why the server could not run.
@@ -120,6 +138,10 @@ pub enum ServerError {
     /// The core thread panicked; the server stopped.
     #[error("the scheduling thread failed: {0}")]
     CoreFailed(String),
+    /// The journal could not be read at start (the message says what to do)
+    /// or written while running (the server stopped).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// Names one connection of the I/O thread, in messages to and from the core
@@ -204,6 +226,18 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         source,
     })?;
     let _lock = lock_state_dir(&dir)?;
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), io::WAKER)?);
+    let (to_core, core_inbox) = crossbeam_channel::unbounded();
+    // First, so that every thread started after it (the journal's too)
+    // inherits the blocked mask.
+    spawn_signal_thread(to_core.clone());
+    let (to_io, io_inbox) = crossbeam_channel::unbounded();
+    let core_waker = waker.clone();
+    // The journal before the sockets: a refused start leaves none behind.
+    let core_loop = CoreLoop::open(&config, to_io.clone(), move || {
+        let _ = core_waker.wake();
+    })?;
     let sock_path = dir.join(picloud_proto::SOCKET_NAME);
     let _ = std::fs::remove_file(&sock_path);
     let setup = |what, source| ServerError::Setup { what, path: sock_path.clone(), source };
@@ -212,7 +246,6 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o777))
         .map_err(|e| setup("cannot set permissions of", e))?;
 
-    let poll = Poll::new()?;
     poll.registry().register(&mut unix, io::UNIX_LISTENER, Interest::READABLE)?;
     let tcp = match config.tcp {
         Some(addr) => {
@@ -226,18 +259,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         }
         None => None,
     };
-    let waker = Arc::new(Waker::new(poll.registry(), io::WAKER)?);
 
-    let (to_core, core_inbox) = crossbeam_channel::unbounded();
-    let (to_io, io_inbox) = crossbeam_channel::unbounded();
     let (to_query, query_inbox) = crossbeam_channel::unbounded();
-    // First, so that every thread started after it inherits the blocked mask.
-    spawn_signal_thread(to_core.clone());
 
-    let core_waker = waker.clone();
-    let core_loop = CoreLoop::new(&config, to_io.clone(), move || {
-        let _ = core_waker.wake();
-    });
     let snapshots = core_loop.snapshots();
     let core_thread = std::thread::Builder::new()
         .name("core".into())
@@ -258,13 +282,17 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let core_result = core_thread.join();
     let _ = query_thread.join();
     let _ = std::fs::remove_file(&sock_path);
-    if let Err(panic) = core_result {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        return Err(ServerError::CoreFailed(what));
+    match core_result {
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            return Err(ServerError::CoreFailed(what));
+        }
+        Ok(Err(e)) => return Err(ServerError::Journal(e)),
+        Ok(Ok(())) => {}
     }
     result?;
     info!("picloud server stopped");

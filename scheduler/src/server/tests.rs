@@ -28,6 +28,7 @@ impl TestServer {
             tcp: None,
             keep_finished: Duration::from_secs(3600),
             core: Default::default(),
+            journal: Default::default(),
         };
         let thread = std::thread::spawn(move || run(config));
         let server = TestServer { dir, thread: Some(thread) };

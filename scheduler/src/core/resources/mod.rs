@@ -90,7 +90,7 @@ use node::{NodeState, Plan};
 use shape::Layout;
 
 /// A node, numbered by the server in joining order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct NodeId(pub u32);
 
 /// How the cores of one chunk are chosen on its node.

@@ -24,6 +24,7 @@ fn config() -> ServerConfig {
         tcp: None,
         keep_finished: Duration::from_secs(3600),
         core: Default::default(),
+        journal: crate::server::JournalConfig::disabled(),
     }
 }
 
@@ -98,6 +99,7 @@ impl Harness {
             self.core.handle(m);
         }
         self.core.end_batch();
+        self.core.sync_barrier();
         let mut sent = Sent::default();
         for msg in self.out.try_iter() {
             match msg {
@@ -387,7 +389,7 @@ fn stress_read_your_writes() {
         }
     }
     to_core.send(Inbound::Stop).unwrap();
-    thread.join().unwrap();
+    thread.join().unwrap().unwrap();
     assert!(from_core.iter().any(|m| matches!(m, Outbound::Stopped)));
 }
 
@@ -422,7 +424,7 @@ fn stress_snapshots_are_consistent() {
     }
     reader.join().unwrap();
     to_core.send(Inbound::Stop).unwrap();
-    thread.join().unwrap();
+    thread.join().unwrap().unwrap();
     drop(from_core);
 }
 
@@ -445,3 +447,5 @@ fn ngpus_and_place_become_the_core_request() {
     assert!(err.contains("sideways"), "{err}");
     assert!(super::gpus_and_placement(&other(&[("ngpus", "many")])).is_err());
 }
+
+mod durability;

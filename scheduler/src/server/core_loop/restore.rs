@@ -1,0 +1,295 @@
+//! Rebuilding the core thread's state after a restart, from the job table
+//! that the snapshot and the journal gave back (`durable.rs`):
+//!
+//! 1. the table, the next sequence number and the next node number are
+//!    taken over as they were;
+//! 2. nodes that tasks in the table ran on come back as nodes that are
+//!    down, so that `qstat -f` still names them;
+//! 3. every task the table says was running gets its fate from
+//!    [`fate_of_running`], the one place that decides it, and the decision
+//!    is recorded like any other change;
+//! 4. the scheduling core is rebuilt in sequence order (so that every job
+//!    comes after the jobs it depends on): finished jobs by their outcome,
+//!    unfinished ones as a submission of the tasks still to start, held as
+//!    they were, waiting only on dependencies not yet met;
+//! 5. whatever the core decides at once (a dependency that can never be met
+//!    now) is carried out, and the first batch records, publishes and
+//!    sends it all.
+//!
+//! Agents do not reconnect to a restarted server yet, so no task is known to
+//! be running any more: a rerunnable task is queued again, another fails as
+//! its node was lost. When agents report what they run after a reconnection,
+//! [`fate_of_running`] is where a task they confirm keeps running (the task
+//! records stay in the table until then).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use picloud_proto::{ArrayIndices, EXIT_CANCELLED, JobRef, NodeInfo, TaskEnd, TaskId};
+use tracing::{info, warn};
+
+use super::{CoreLoop, LiveChange, request_of, unix_now};
+use crate::core::{NodeId, RestoredJob};
+use crate::server::durable::{Replayed, SavedEndReason};
+use crate::server::jobs::{JobRecord, JobTable, TaskRecord};
+use crate::server::snapshot::NodeView;
+
+/// What becomes of a task that the journal says was running when the
+/// server stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunningFate {
+    /// It is queued again: it has not run, as far as anyone can tell.
+    Requeue,
+    /// It ends as failed: its node was lost.
+    Lost,
+    /// A kill had been sent for it: it ends as deleted.
+    Cancelled,
+}
+
+/// Decides what becomes of a task that was running when the server
+/// stopped (see the module doc): one that was being killed ends as
+/// deleted; one of a rerunnable job (`qsub -r y`, the default) whose array
+/// is not ending is queued again; any other fails with its node lost.
+pub(crate) fn fate_of_running(job: &JobRecord, task: &TaskRecord) -> RunningFate {
+    if task.cancelled_by.is_some() {
+        RunningFate::Cancelled
+    } else if job.spec.rerunnable && job.rest_ended.is_none() {
+        RunningFate::Requeue
+    } else {
+        RunningFate::Lost
+    }
+}
+
+impl CoreLoop {
+    /// Steps 1 to 5 of the module doc.
+    pub(super) fn restore(&mut self, replayed: Replayed) {
+        self.jobs = replayed.jobs;
+        self.next_seq = self.next_seq.max(replayed.next_seq);
+        self.next_node = self.next_node.max(replayed.next_node);
+        self.restore_nodes(&replayed.nodes);
+        self.settle_running();
+        self.rebuild_core();
+    }
+
+    /// Step 2.
+    fn restore_nodes(&mut self, names: &std::collections::BTreeMap<NodeId, String>) {
+        let mut used = BTreeSet::new();
+        for job in self.jobs.map().values() {
+            used.extend(job.tasks.values().filter_map(|t| t.node));
+        }
+        for node in used {
+            let name = names.get(&node).cloned().unwrap_or_else(|| format!("node{}", node.0));
+            let info = NodeInfo { hostname: name.clone(), ..Default::default() };
+            let view = NodeView { name, info: Arc::new(info), up: false, running: imbl::OrdSet::new() };
+            self.nodes.insert(node, Arc::new(view));
+            self.nodes_changed = true;
+        }
+    }
+
+    /// Step 3.
+    fn settle_running(&mut self) {
+        let running: Vec<(TaskId, RunningFate, Option<NodeId>)> = self
+            .jobs
+            .map()
+            .values()
+            .filter(|j| j.running > 0)
+            .flat_map(|j| {
+                j.running_tasks()
+                    .map(|(index, t)| (TaskId { seq: j.seq, index }, fate_of_running(j, t), t.node))
+            })
+            .collect();
+        let (mut requeued, mut lost) = (0, 0);
+        let now = unix_now();
+        for (task, fate, node) in running {
+            match fate {
+                RunningFate::Requeue => {
+                    requeued += 1;
+                    self.record(LiveChange::Requeued { task });
+                }
+                RunningFate::Lost => {
+                    lost += 1;
+                    let node_name =
+                        node.and_then(|n| self.nodes.get(&n)).map(|n| n.name.clone()).unwrap_or_default();
+                    self.record(LiveChange::Ended {
+                        seq: task.seq,
+                        index: task.index,
+                        reason: SavedEndReason::NodeLost,
+                        by: String::new(),
+                        node_name,
+                        time: now,
+                    });
+                }
+                RunningFate::Cancelled => {
+                    // `finish` reports a task being killed as deleted.
+                    let end = TaskEnd {
+                        task,
+                        exit_status: EXIT_CANCELLED,
+                        comment: None,
+                        used: Default::default(),
+                        outcome: None,
+                    };
+                    self.record(LiveChange::Finished { end: &end, time: now });
+                }
+            }
+        }
+        if requeued + lost > 0 {
+            info!(
+                requeued,
+                failed = lost,
+                "tasks that ran when the server stopped: queued again or failed (not rerunnable)"
+            );
+        }
+    }
+
+    /// Steps 4 and 5.
+    fn rebuild_core(&mut self) {
+        // Array tasks that unfinished jobs depend on one by one.
+        let mut by_task: HashMap<u64, Vec<u32>> = HashMap::new();
+        for job in self.jobs.map().values().filter(|j| j.finished_at.is_none()) {
+            for d in &job.spec.depend {
+                if let JobRef::Task(s, i) = d.on {
+                    by_task.entry(s).or_default().push(i);
+                }
+            }
+        }
+        let seqs: Vec<u64> = self.jobs.map().keys().copied().collect();
+        let mut decisions = Vec::new();
+        let mut unrestorable = Vec::new();
+        for &seq in &seqs {
+            let job = self.jobs.get(seq).expect("listed");
+            if job.finished_at.is_some() {
+                self.core.restore_finished(seq, succeeded(job));
+                continue;
+            }
+            match restored_job(job, &self.jobs, by_task.get(&seq)) {
+                Ok(Some(restored)) => self.core.restore_job(seq, restored, &mut decisions),
+                Ok(None) => warn!(seq, "an unfinished job with no task left to start or running"),
+                Err(why) => unrestorable.push((seq, why)),
+            }
+            for d in &job.spec.depend {
+                let on = d.on.seq();
+                if self.jobs.get(on).is_some_and(|j| j.finished_at.is_none()) {
+                    let deps = self.dependents.entry(on).or_default();
+                    if !deps.contains(&seq) {
+                        deps.push(seq);
+                    }
+                }
+            }
+        }
+        self.acting_user = "the server".into();
+        for d in decisions {
+            self.carry_out(d);
+        }
+        for (seq, why) in unrestorable {
+            warn!(seq, "cannot queue a job again after the restart: {why}");
+            self.record(LiveChange::Ended {
+                seq,
+                index: None,
+                reason: SavedEndReason::Cancelled,
+                by: format!("the server, which could not queue it again after a restart ({why}),"),
+                node_name: String::new(),
+                time: unix_now(),
+            });
+        }
+        self.touched.extend(seqs);
+    }
+}
+
+/// Whether a dependency of `kind` on a task that ended with `success` is met.
+fn dependency_met(kind: picloud_proto::DependKind, success: bool) -> bool {
+    use picloud_proto::DependKind::*;
+    matches!((kind, success), (AfterAny, _) | (AfterOk, true) | (AfterNotOk, false))
+}
+
+/// Whether every task of a finished job succeeded (what dependencies on it see).
+fn succeeded(job: &JobRecord) -> bool {
+    job.tasks.values().map(|t| &**t).chain(job.rest_ended.as_deref()).all(|t| t.exit_status == Some(0))
+}
+
+/// What the core needs of an unfinished job; `None` if no task is left to
+/// start (cannot happen once running tasks are settled).
+fn restored_job(
+    job: &JobRecord,
+    table: &JobTable,
+    by_task: Option<&Vec<u32>>,
+) -> Result<Option<RestoredJob>, String> {
+    let mut request = request_of(&job.spec, job.uid)?;
+    // A dependency on a job purged since was met long ago (else this job
+    // would have ended with it); so was one on an array task that ended
+    // as it asked (the core would judge a task of a finished array by the
+    // whole array).
+    request.depend.retain(|&(kind, on)| {
+        let Some(target) = table.get(on.seq()) else { return false };
+        match on {
+            JobRef::Task(_, i) => match target.task_end(i) {
+                Some(status) => !dependency_met(kind, status == 0),
+                None => true,
+            },
+            _ => true,
+        }
+    });
+    request.hold = job.held;
+    request.array = match &job.spec.array {
+        // A plain job's task record means it started (and, settled, ended).
+        None if job.tasks.contains_key(&None) => return Ok(None),
+        None => None,
+        Some(array) => match to_start(array, job) {
+            Some(a) => Some(a),
+            None => return Ok(None),
+        },
+    };
+    let any_failed = job
+        .tasks
+        .values()
+        .map(|t| &**t)
+        .chain(job.rest_ended.as_deref())
+        .any(|t| t.exit_status.is_some_and(|s| s != 0));
+    let task_outcomes = by_task
+        .into_iter()
+        .flatten()
+        .filter_map(|&i| Some((i, job.tasks.get(&Some(i))?.exit_status? == 0)))
+        .collect();
+    Ok(Some(RestoredJob { request, held: job.held, any_failed, task_outcomes }))
+}
+
+/// The indices of an array that have not started: those without a task
+/// record (every record is of an ended task once running ones are settled),
+/// unless the unstarted rest has ended together. Ranges are split around
+/// records, so this costs O(records + ranges), not O(indices).
+pub(crate) fn to_start(array: &ArrayIndices, job: &JobRecord) -> Option<ArrayIndices> {
+    if job.rest_ended.is_some() {
+        return None;
+    }
+    if job.tasks.is_empty() {
+        return Some(array.clone());
+    }
+    let mut parts = Vec::new();
+    let mut emit = |from: u32, to: u32, step: u32| {
+        parts.push(match (from == to, step) {
+            (true, _) => format!("{from}"),
+            (false, 1) => format!("{from}-{to}"),
+            (false, _) => format!("{from}-{to}:{step}"),
+        })
+    };
+    for r in array.ranges() {
+        // The first index of the range not yet emitted or skipped.
+        let mut next = Some(r.start);
+        for (&key, _) in job.tasks.range(Some(r.start)..=Some(r.end)) {
+            let (Some(i), Some(from)) = (key, next) else { continue };
+            if !r.contains(i) {
+                continue;
+            }
+            if i > from {
+                emit(from, i - r.step, r.step);
+            }
+            next = i.checked_add(r.step);
+        }
+        if let Some(from) = next.filter(|&f| f <= r.end) {
+            emit(from, r.end, r.step);
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(ArrayIndices::parse(&parts.join(",")).expect("sub-ranges of a valid array are valid"))
+}
