@@ -102,11 +102,44 @@ def bench_optional(args):
         bench_ppe(args, "loky", lambda: loky.get_reusable_executor(max_workers=os.cpu_count()))
     except ImportError:
         print("loky: not installed")
-    for name in ("dask", "ray"):
-        try:
-            __import__(name)
-        except ImportError:
-            print(f"{name}: not installed")
+    try:
+        bench_dask(args)
+    except ImportError:
+        print("dask: not installed")
+    try:
+        bench_ray(args)
+    except ImportError:
+        print("ray: not installed")
+
+
+def bench_dask(args):
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, processes=True) as lc, Client(lc) as c:
+        c.gather(c.map(noop, range(100), pure=False))
+        n = args.tasks
+        t_calls = timed(lambda: c.gather([c.submit(noop, pure=False) for _ in range(n)]))
+        m = args.map
+        t_map = timed(lambda: c.gather(c.map(noop, range(m), pure=False)))
+        lat = latency(lambda: c.submit(noop, pure=False).result())
+        row("dask.distributed", rate(n, t_calls), rate(m, t_map), f"{lat * 1000:.2f} ms")
+
+
+def bench_ray(args):
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(noop)
+        ray.get([remote.remote() for _ in range(100)])
+        n = args.tasks
+        t_calls = timed(lambda: ray.get([remote.remote() for _ in range(n)]))
+        m = args.map
+        t_map = timed(lambda: ray.get([remote.remote(i) for i in range(m)]))
+        lat = latency(lambda: ray.get(remote.remote()))
+        row("ray", rate(n, t_calls), rate(m, t_map), f"{lat * 1000:.2f} ms")
+    finally:
+        ray.shutdown()
 
 
 def startup():
