@@ -30,7 +30,8 @@ class LocalCluster:
         env.pop("PICLOUD_LOG", None)
         self._log = open(os.path.join(self.dir, "up.log"), "wb")
         self.proc = subprocess.Popen(
-            [_native.binary_path(), "up", "--dir", self.dir, "--kill-grace", "1"],
+            # Its state directory goes when it stops: a journal would keep nothing.
+            [_native.binary_path(), "up", "--dir", self.dir, "--kill-grace", "1", "--no-journal"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
