@@ -58,7 +58,7 @@ use tracing::{debug, info, warn};
 mod local_socket;
 mod python;
 
-use crate::cgroup::{Cgroups, JobCgroup, Limits};
+use crate::cgroup::{Cgroups, Limits, PooledCgroup};
 use crate::launcher::{LaunchError, Launcher, SETUP_FAILED, pbs_exit_status};
 use crate::topology::{self, TopologyError};
 
@@ -86,8 +86,10 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// Node name to announce instead of the host name.
     pub hostname: Option<String>,
-    /// Put each task that has a memory limit in a cgroup of its own (memory
-    /// limit, cpuset, accounting) when the machine lets the agent create cgroups.
+    /// Run every task in a cgroup of its own (memory limit, cpuset, a limit on
+    /// processes, accounting of peak memory and CPU time, leftover processes
+    /// killed when it ends), taken from a pool of cgroups that tasks reuse, when
+    /// the machine lets the agent create cgroups.
     pub use_cgroups: bool,
     /// Where to listen for local clients (shared-memory segments); none when `None`.
     pub local_socket: Option<PathBuf>,
@@ -589,8 +591,8 @@ struct Task {
     walltime_limit: Option<u64>,
     /// Why it is being killed, once it is (its end's comment).
     killing: Option<String>,
-    /// Its cgroup, if tasks get one.
-    cgroup: Option<JobCgroup>,
+    /// Its pooled cgroup, when tasks get one (given back when the task ends).
+    cgroup: Option<PooledCgroup>,
     /// Its memory limit in bytes, if any.
     mem_limit: Option<u64>,
 }
@@ -814,39 +816,29 @@ impl Agent {
         if matches!(job.def.spec.command, picloud_proto::JobCommand::Python(_)) {
             return self.start_python_task(start);
         }
-        // Until jobs are started as their owner, an agent runs only its own
-        // user's jobs: anything else would run one user's job as another (as
-        // root, when the agent is root).
-        let agent_uid = self.uid;
-        if job.def.uid != agent_uid {
-            let comment = format!(
-                "this node agent runs as uid {agent_uid} and does not run jobs of other users \
-                 (this job belongs to {}, uid {})",
-                job.def.user, job.def.uid
-            );
-            self.finished.push(fail(SETUP_FAILED, comment));
+        // Whom the job runs as: a root agent starts it as its owner, any other
+        // agent only its own user's jobs (it cannot switch users). Checked
+        // first, so that a refused task costs no cgroup.
+        if let Err(e) = self.launcher.owner_of(&job.def) {
+            self.finished.push(fail(e.exit_status(), e.to_string()));
             return;
         }
         let mem_limit = job.def.spec.resources.mem;
-        // Only tasks with a memory limit get a cgroup for now: creating and
-        // removing one per task costs more than starting a short task (a
-        // 10 000-task array of `true` fell from ~105 % to 35 % of the fork+exec
-        // floor), so reusing cgroups has to come first.
-        let cgroup = match (&self.cgroups, mem_limit) {
-            (None, _) | (_, None) => None,
-            (Some(cgroups), Some(_)) => {
-                let name = match start.task.index {
-                    Some(i) => format!("job-{}-{i}", start.task.seq),
-                    None => format!("job-{}", start.task.seq),
-                };
+        // Every task gets a cgroup, from the pool: one made earlier for the same
+        // cpus, whose spawner thread (v1) sits in it pinned to them, so that no
+        // cgroup is made, moved into or removed per task (see `cgroup`).
+        let cgroup = match &self.cgroups {
+            None => None,
+            Some(cgroups) => {
                 let limits = Limits {
                     memory: mem_limit,
                     // No swap beyond the limit: a job over its memory is killed, not swapped.
                     memory_and_swap: mem_limit,
                     cpus: start.cpus.clone(),
+                    pids: cgroups.job_pids_max(),
                     ..Limits::default()
                 };
-                match cgroups.create(&name, &limits) {
+                match cgroups.acquire(&limits) {
                     Ok(cgroup) => Some(cgroup),
                     Err(e) => {
                         self.finished
@@ -856,9 +848,11 @@ impl Agent {
                 }
             }
         };
+        // The spawn lock is held for the whole spawn, also while a spawner
+        // thread does it: the reaper must not reap a child std is still busy with.
         let spawned = {
             let _guard = self.spawn_lock.lock().unwrap_or_else(PoisonError::into_inner);
-            self.launcher.spawn(&job.def, start, self.cgroups.as_ref().zip(cgroup.as_ref()))
+            self.launcher.spawn(&job.def, start, cgroup.as_ref())
         };
         match spawned {
             Ok(child) => {
@@ -872,9 +866,8 @@ impl Agent {
             }
             Err(e) => {
                 debug!(task = %start.job_id, "task failed to start: {e}");
-                if let Some(cgroup) = &cgroup {
-                    let _ = cgroup.kill_all();
-                    let _ = cgroup.remove();
+                if let (Some(cgroups), Some(cgroup)) = (&self.cgroups, cgroup) {
+                    cgroups.release(cgroup);
                 }
                 self.finished.push(fail(e.exit_status(), e.to_string()));
             }
@@ -888,7 +881,7 @@ impl Agent {
         pid: i32,
         task: TaskId,
         walltime_limit: Option<u64>,
-        cgroup: Option<JobCgroup>,
+        cgroup: Option<PooledCgroup>,
         mem_limit: Option<u64>,
     ) {
         let serial = self.next_serial;
@@ -923,19 +916,17 @@ impl Agent {
             mem: exit.maxrss,
         };
         let mut comment = task.killing;
-        if let Some(cgroup) = &task.cgroup {
-            // The cgroup counts every process of the task, and only the task.
-            let usage = cgroup.usage();
+        if let (Some(cgroups), Some(cgroup)) = (&self.cgroups, task.cgroup) {
+            // Whatever left the process group dies with the task; then the
+            // cgroup, which counted every process of the task and only the
+            // task, says what it used, and goes back to the pool.
+            let usage = cgroups.release(cgroup);
             used.mem = usage.peak_memory.unwrap_or(used.mem);
             used.cput_ms = usage.cpu_ns.map_or(used.cput_ms, |ns| ns / 1_000_000);
             if usage.oom_kills > 0 && comment.is_none() {
                 let limit = task.mem_limit.map(human_bytes).unwrap_or_else(|| "the node".into());
                 comment =
                     Some(format!("job exceeded its memory limit of {limit}; peak {}", human_bytes(used.mem)));
-            }
-            // Whatever left the process group dies with the task.
-            if let Err(e) = cgroup.kill_all().and_then(|()| cgroup.remove()) {
-                warn!(task = ?task.id, "cannot clean up the task's cgroup: {e}");
             }
         }
         self.finished.push(TaskEnd { task: task.id, exit_status, comment, used, outcome: None });
@@ -1052,10 +1043,19 @@ fn human_bytes(bytes: u64) -> String {
     if b >= GIB { format!("{:.1} GiB", b / GIB) } else { format!("{:.1} MiB", b / MIB) }
 }
 
+/// Environment variable giving the most processes and threads of one job
+/// (`pids.max` of its cgroup): a number, or `max` for no limit beyond the
+/// node's; [`DEFAULT_JOB_PIDS_MAX`](crate::cgroup::DEFAULT_JOB_PIDS_MAX) when unset.
+const JOB_PIDS_MAX_VAR: &str = "PICLOUD_JOB_PIDS_MAX";
+
+/// The name of an agent's base cgroup is this and its pid.
+const AGENT_CGROUP_PREFIX: &str = "picloud-agent-";
+
 /// Finds and prepares where task cgroups go; returns them (or none) and the
-/// words for `picloud nodes` saying which limits this node enforces.
+/// words for `picloud nodes` saying which limits this node enforces. Clears
+/// away what agents killed before they could clean up left beside it.
 fn setup_cgroups() -> (Option<Cgroups>, String) {
-    let leaf = format!("picloud-agent-{}", std::process::id());
+    let leaf = format!("{AGENT_CGROUP_PREFIX}{}", std::process::id());
     let found = match Cgroups::detect(&leaf) {
         Ok(Some(cgroups)) => cgroups.prepare().map(|()| cgroups),
         Ok(None) => {
@@ -1065,9 +1065,22 @@ fn setup_cgroups() -> (Option<Cgroups>, String) {
         Err(e) => Err(e),
     };
     match found {
-        Ok(cgroups) => {
+        Ok(mut cgroups) => {
+            let swept = cgroups.sweep_stale(AGENT_CGROUP_PREFIX);
+            if swept > 0 {
+                info!("removed the cgroups that {swept} agents killed earlier left behind");
+            }
+            match std::env::var(JOB_PIDS_MAX_VAR).as_deref().map(str::trim) {
+                Err(_) => {}
+                Ok("max") => cgroups = cgroups.with_job_pids_max(None),
+                Ok(value) => match value.parse::<u64>() {
+                    Ok(n) if n > 0 => cgroups = cgroups.with_job_pids_max(Some(n)),
+                    _ => warn!("ignoring {JOB_PIDS_MAX_VAR}={value:?}: not a positive number or `max`"),
+                },
+            }
             let words = cgroups.describe();
-            info!("tasks with a memory limit run in cgroups of their own: {words}");
+            let pids = cgroups.job_pids_max().map_or("no".to_string(), |n| n.to_string());
+            info!("every task runs in a pooled cgroup of its own ({pids} processes at most): {words}");
             (Some(cgroups), words)
         }
         Err(e) => {

@@ -132,14 +132,12 @@ impl Agent {
             let comment = format!("cannot run the task here: {why}");
             return self.finished.push(fail(comment));
         }
-        if job.def.uid != self.uid && self.uid != 0 {
-            let comment = format!(
-                "this node agent runs as uid {} and does not run jobs of other users \
-                 (this job belongs to {}, uid {})",
-                self.uid, job.def.user, job.def.uid
-            );
-            return self.finished.push(fail(comment));
-        }
+        // The same rule as for commands: the agent's own user, or (a root
+        // agent) the job's owner with their groups.
+        let owner = match self.launcher.owner_of(&job.def) {
+            Ok(owner) => owner,
+            Err(e) => return self.finished.push(fail(e.to_string())),
+        };
         let Some(args) = call.args_of(start.task.index) else {
             return self.finished.push(fail("the job has no arguments for this task".into()));
         };
@@ -150,16 +148,12 @@ impl Agent {
             sys_path: call.sys_path.clone(),
             mem_limit: job.def.spec.resources.mem,
         };
-        let switch_user = self.uid == 0 && job.def.uid != 0;
-        let (uid, gid) = (job.def.uid, job.def.gid);
         let acquired = {
             let _guard = self.spawn_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.python.pool.acquire(&key, &start.cpus, &mut |cmd| {
-                if switch_user {
-                    use std::os::unix::process::CommandExt;
-                    cmd.uid(uid).gid(gid);
-                }
-                Ok(Box::new(()))
+            self.python.pool.acquire(&key, &start.cpus, &mut |cmd| match &owner {
+                // The worker changes directory per task, as its owner.
+                Some(owner) => Ok(Box::new(crate::launcher::run_as_owner(cmd, owner, None)?)),
+                None => Ok(Box::new(())),
             })
         };
         let (worker, fresh) = match acquired {
@@ -176,10 +170,10 @@ impl Agent {
                 let limits = Limits {
                     memory: key.mem_limit,
                     memory_and_swap: key.mem_limit,
-                    pids: Some(WORKER_PIDS_MAX),
+                    pids: Some(cgroups.job_pids_max().unwrap_or(WORKER_PIDS_MAX)),
                     ..Limits::default()
                 };
-                match cgroups.create(&name, &limits).and_then(|cg| cg.add_process(pid).map(|()| cg)) {
+                match cgroups.adopt(&name, &limits, pid) {
                     Ok(cg) => {
                         self.python.cgroups.insert(worker, cg);
                     }
