@@ -196,3 +196,233 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A process killed (SIGKILL) when dropped, so that a failing test leaves
+/// nothing behind.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    /// No process.
+    pub fn none() -> Self {
+        Proc(None)
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.as_ref().expect("running").id() as i32)
+    }
+
+    /// Whether it was started and has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.0.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let child = self.0.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "process {} did not exit", child.id());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.0 = None;
+    }
+
+    /// SIGKILL, and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `picloud server` and a `picloud agent` started separately in one state
+/// directory, so that either can be killed alone and started again. The
+/// agent outlives a killed server and reconnects to the next one.
+pub struct Site {
+    /// State directory.
+    pub dir: tempfile::TempDir,
+    /// A scratch directory to submit from.
+    pub work: PathBuf,
+    /// The server, while it runs.
+    pub server: Proc,
+    /// The agent, while it runs.
+    pub agent: Proc,
+    /// Extra arguments of every `picloud server`.
+    pub server_args: Vec<String>,
+    /// Servers started so far.
+    pub starts: u32,
+}
+
+impl Site {
+    /// An empty site (nothing started) with `qsub`... links in `<dir>/bin`.
+    pub fn new(server_args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("picloud-site-").tempdir().unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let status = Command::new(picloud_bin())
+            .arg("install-pbs-commands")
+            .arg(dir.path().join("bin"))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Site {
+            dir,
+            work,
+            server: Proc(None),
+            agent: Proc(None),
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        }
+    }
+
+    /// The server's socket.
+    pub fn addr(&self) -> ServerAddr {
+        ServerAddr::of_state_dir(self.dir.path())
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(name)).unwrap()
+    }
+
+    /// Runs `picloud server` to completion (for a start that must fail).
+    pub fn server_refuses(&self) -> Output {
+        Command::new(picloud_bin())
+            .args(["server", "--name", "testsrv", "--dir"])
+            .arg(self.dir.path())
+            .env("PICLOUD_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Starts the server and waits until it listens.
+    pub fn start_server(&mut self) {
+        self.starts += 1;
+        let child = Command::new(picloud_bin())
+            .args(["server", "--name", "testsrv", "--dir"])
+            .arg(self.dir.path())
+            .args(&self.server_args)
+            .env("PICLOUD_LOG", "info")
+            .stdout(self.log("server.log"))
+            .stderr(self.log("server.log"))
+            .spawn()
+            .unwrap();
+        self.server = Proc(Some(child));
+        let addr = self.addr();
+        wait_until("the server to listen", Duration::from_secs(60), || Client::connect(&addr).is_ok());
+    }
+
+    /// Starts an agent (it connects to the server, now or once it runs).
+    pub fn start_agent(&mut self) {
+        let child = Command::new(picloud_bin())
+            .args(["agent", "--kill-grace", "1", "--no-shm", "--dir"])
+            .arg(self.dir.path())
+            .env("PICLOUD_LOG", "info")
+            .stdout(self.log("agent.log"))
+            .stderr(self.log("agent.log"))
+            .spawn()
+            .unwrap();
+        self.agent = Proc(Some(child));
+    }
+
+    /// Starts the server, and an agent unless one runs; waits until the
+    /// node is up.
+    pub fn start(&mut self) {
+        self.start_server();
+        if !self.agent.is_running() {
+            self.start_agent();
+        }
+        self.wait_node_up();
+    }
+
+    /// Waits until a node is up (its agent joined or came back).
+    pub fn wait_node_up(&self) {
+        let addr = self.addr();
+        wait_until("the agent to join", Duration::from_secs(60), || {
+            matches!(Client::connect(&addr).and_then(|mut c| c.request(&ClientRequest::Nodes)),
+                     Ok(ServerReply::Nodes(n)) if n.iter().any(|n| n.state == "up"))
+        });
+    }
+
+    /// SIGKILL to the server; the agent goes on and will reconnect.
+    pub fn kill_server(&mut self) {
+        nix::sys::signal::kill(self.server.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+        self.server.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Runs `picloud` or a PBS command of the site in its work directory.
+    pub fn run(&self, name: &str, args: &[&str]) -> Output {
+        let path = if name == "picloud" { picloud_bin() } else { self.dir.path().join("bin").join(name) };
+        Command::new(path)
+            .args(args)
+            .current_dir(&self.work)
+            .env("PICLOUD_DIR", self.dir.path())
+            .env_remove("PICLOUD_SERVER")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `qsub ARGS`; panics unless it succeeds. Returns the job id.
+    pub fn qsub(&self, args: &[&str]) -> String {
+        let out = self.run("qsub", args);
+        assert!(out.status.success(), "qsub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// `qstat -f -F json -x` of one job (`extra` adds options, e.g. `-t`).
+    pub fn stat_json(&self, id: &str, extra: &[&str]) -> serde_json::Value {
+        let out = self.run("qstat", &[&["-f", "-F", "json", "-x"], extra, &[id]].concat());
+        assert!(out.status.success(), "qstat {id}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `qstat -f` of one job as JSON.
+    pub fn job_json(&self, id: &str) -> serde_json::Value {
+        self.stat_json(id, &[])["Jobs"][id].clone()
+    }
+
+    /// Waits (up to `timeout`) until the job has finished; returns it.
+    pub fn wait_finished(&self, id: &str, timeout: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        wait_until(&format!("{id} to finish"), timeout, || {
+            last = self.job_json(id);
+            last["job_state"] == "F"
+        });
+        last
+    }
+
+    /// Lines of a file in the work directory, counted.
+    pub fn lines(&self, name: &str) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for line in std::fs::read_to_string(self.work.join(name)).unwrap_or_default().lines() {
+            *counts.entry(line.to_string()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The journal's directory.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.path().join("journal")
+    }
+
+    /// The newest journal segment.
+    pub fn last_segment(&self) -> PathBuf {
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(self.journal_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        segs.sort();
+        segs.pop().expect("a segment")
+    }
+}

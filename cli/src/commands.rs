@@ -9,6 +9,7 @@
 
 use std::ffi::OsString;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use picloud_proto::{
     ClientRequest, ErrorKind, JobInfo, JobRef, JobState, NodeStatus, ServerReply, StatRequest,
@@ -241,12 +242,17 @@ pub(crate) fn wait(a: WaitArgs) -> ExitCode {
     let Ok(asked) = parse_refs(PROG, &a.ids) else {
         return ExitCode::from(EXIT_WAIT_INCOMPLETE);
     };
-    let request = ClientRequest::Wait {
-        jobs: asked.iter().map(|(_, r)| *r).collect(),
-        // Saturates for absurd values: `as` from f64 clamps.
-        timeout_ms: a.timeout.map(|secs| (secs * 1000.0).round() as u64),
-    };
-    let reply = pbs::connect().and_then(|mut c| c.request(&request));
+    // Saturates for absurd values: `as` from f64 clamps.
+    let timeout = a.timeout.map(|secs| Duration::from_millis((secs * 1000.0).round() as u64));
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let jobs: Vec<JobRef> = asked.iter().map(|(_, r)| *r).collect();
+    // A wait changes nothing: across a restart of the server it is sent
+    // again once the server is back.
+    let reply = pbs::connect().and_then(|mut c| {
+        c.request_reconnecting(picloud_proto::client::RECONNECT_WINDOW, deadline, |left| {
+            ClientRequest::Wait { jobs: jobs.clone(), timeout_ms: left.map(|t| t.as_millis() as u64) }
+        })
+    });
     match reply {
         Ok(ServerReply::Jobs { jobs, unknown }) => {
             pbs::emit(&format_wait(&jobs));

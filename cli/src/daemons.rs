@@ -32,6 +32,15 @@ pub(crate) struct ServerArgs {
     /// Queue policy: fcfs, easy (FCFS with EASY backfill), sjf-easy, multifactor.
     #[arg(long, default_value = "multifactor")]
     policy: Policy,
+    /// How long an agent may be silent (agents send a heartbeat every
+    /// second) before its node counts as lost; also how long after a restart
+    /// agents have to report the tasks they still run (e.g. 10, 2.5s, 1m).
+    #[arg(long, default_value = "10", value_parser = parse_duration)]
+    node_timeout: Duration,
+    /// How many times a rerunnable task is queued again after its node was
+    /// lost; the next loss fails it.
+    #[arg(long, default_value = "3")]
+    node_loss_retries: u32,
     #[command(flatten)]
     journal: JournalArgs,
 }
@@ -165,7 +174,12 @@ pub(crate) fn server(a: ServerArgs) -> anyhow::Result<()> {
         name: a.name.unwrap_or_else(short_hostname),
         tcp: a.listen_tcp,
         keep_finished: a.keep_finished,
-        core: CoreConfig { policy: a.policy, ..CoreConfig::default() },
+        core: CoreConfig {
+            policy: a.policy,
+            node_timeout: a.node_timeout.as_millis() as u64,
+            node_loss_retries: a.node_loss_retries,
+            ..CoreConfig::default()
+        },
         journal: a.journal.config(),
     };
     picloud_scheduler::server::run(config)?;

@@ -676,7 +676,11 @@ int picloud_client_submit_python(struct picloud_client *client,
  * `ended_out` is NULL or an array of `n` bytes: on success and on a
  * timeout, entry `i` is set to 1 if `seqs[i]` had ended, else 0. `n` may be 0
  * with `PICLOUD_WAIT_ALL` (returns at once), not with `PICLOUD_WAIT_ANY`.
- * The client is busy for the whole wait.
+ * The client is busy for the whole wait. If the server goes away during
+ * the wait without a word (a crash and restart), the client connects again
+ * (every 50 ms at first, backing off to every 2 s, for at most 30 s) and
+ * goes on waiting; only then does the call fail. A server stopped on
+ * purpose fails the wait at once (`PICLOUD_ERR_SERVER`).
  *
  * # Safety
  * `seqs` points to `n` values; `ended_out` is NULL or points to `n`

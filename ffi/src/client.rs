@@ -14,6 +14,7 @@ use std::ffi::{c_char, c_int};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use picloud_proto::client::RECONNECT_WINDOW;
 use picloud_proto::{
     ArrayIndices, Client, ClientRequest, DependKind, Dependency, JobCommand, JobInfo, JobRef, JobSpec,
     JobState, PythonCall, RefOutcome, ServerAddr, ServerReply, StatRequest,
@@ -625,7 +626,10 @@ fn ended(client: &mut Client, seqs: &[u64]) -> Result<Vec<bool>, FfiError> {
         user: None,
         expand_arrays: false,
     });
-    let (jobs, unknown) = match client.request(&request)? {
+    // A query changes nothing: across a restart of the server it is sent
+    // again once the server is back.
+    let reply = client.request_reconnecting(RECONNECT_WINDOW, None, |_| request.clone())?;
+    let (jobs, unknown) = match reply {
         ServerReply::Jobs { jobs, unknown } => (jobs, unknown),
         other => return Err(unexpected("a status request", &other)),
     };
@@ -661,7 +665,11 @@ fn ended(client: &mut Client, seqs: &[u64]) -> Result<Vec<bool>, FfiError> {
 /// `ended_out` is NULL or an array of `n` bytes: on success and on a
 /// timeout, entry `i` is set to 1 if `seqs[i]` had ended, else 0. `n` may be 0
 /// with `PICLOUD_WAIT_ALL` (returns at once), not with `PICLOUD_WAIT_ANY`.
-/// The client is busy for the whole wait.
+/// The client is busy for the whole wait. If the server goes away during
+/// the wait without a word (a crash and restart), the client connects again
+/// (every 50 ms at first, backing off to every 2 s, for at most 30 s) and
+/// goes on waiting; only then does the call fail. A server stopped on
+/// purpose fails the wait at once (`PICLOUD_ERR_SERVER`).
 ///
 /// # Safety
 /// `seqs` points to `n` values; `ended_out` is NULL or points to `n`
@@ -701,11 +709,14 @@ pub unsafe extern "C" fn picloud_client_wait(
                 if seqs.is_empty() {
                     return c.with(|_| Ok(()));
                 }
-                let request = ClientRequest::Wait {
-                    jobs: seqs.iter().map(|&s| JobRef::Job(s)).collect(),
-                    timeout_ms: timeout.map(|t| t.as_millis() as u64),
+                let jobs: Vec<JobRef> = seqs.iter().map(|&s| JobRef::Job(s)).collect();
+                let deadline = timeout.map(|t| Instant::now() + t);
+                // Sent again (with the time left) if the server restarts.
+                let request = |left: Option<Duration>| ClientRequest::Wait {
+                    jobs: jobs.clone(),
+                    timeout_ms: left.map(|t| t.as_millis() as u64),
                 };
-                c.with(|client| match client.request(&request) {
+                c.with(|client| match client.request_reconnecting(RECONNECT_WINDOW, deadline, request) {
                     Ok(ServerReply::Jobs { .. }) => {
                         report(&vec![true; seqs.len()]);
                         Ok(())

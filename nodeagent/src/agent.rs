@@ -15,9 +15,21 @@
 //!    tasks, timers): it waits for an event or the next timer, drains every
 //!    event already queued, and then writes at most one `Started` and one
 //!    `Finished` frame, so that under load many task ends share a frame;
-//! 5. on [`ToAgent::Shutdown`], a lost connection or a signal, terminate every
-//!    task's process group (SIGTERM, then SIGKILL after the grace period), reap
-//!    them, stop the threads, remove the spool files, and return.
+//! 5. on [`ToAgent::Shutdown`] or a signal, terminate every task's process
+//!    group (SIGTERM, then SIGKILL after the grace period), reap them, stop
+//!    the threads, remove the spool files, and return.
+//!
+//! # Losing the server
+//!
+//! A lost connection does not stop the agent: its tasks keep running, and
+//! their ends (Python outcomes included) are kept. It connects again after
+//! 50 ms, then after twice as long each time up to 2 s, for ever (a signal
+//! still stops it). Once welcomed again it sends the ends it kept
+//! (`Finished`) and then every task it runs with its PUs and GPUs
+//! (`Running`), which it also sends after its first welcome; the server
+//! keeps, adopts or tells it to kill each (`docs/durability.md`). While it
+//! has nothing else to say it sends a `Heartbeat` every [`HEARTBEAT`], so
+//! that the server can tell a silent node from an idle one.
 //!
 //! # Reaping
 //!
@@ -51,7 +63,7 @@ use nix::unistd::Pid;
 use picloud_proto::frame::{decode, encode};
 use picloud_proto::{
     AgentMsg, FrameError, FrameReader, Hello, JobDefinition, NodeInfo, ResourcesUsed, Role, ServerAddr,
-    ServerReply, StartTask, TaskEnd, TaskId, ToAgent, write_frame,
+    ServerReply, StartTask, TaskEnd, TaskId, TaskRunning, ToAgent, write_frame,
 };
 use tracing::{debug, info, warn};
 
@@ -74,6 +86,16 @@ const SHUTDOWN_REAP_WAIT: Duration = Duration::from_secs(5);
 
 /// Most events handled before the main loop writes its frames.
 const MAX_BATCH: usize = 4096;
+
+/// How often an agent with nothing else to send says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// First pause before connecting again to a lost server; it doubles up to
+/// [`RECONNECT_MAX_PAUSE`].
+const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Longest pause between two attempts to connect again.
+const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -184,7 +206,7 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
     let tx = events_tx.clone();
     let reader = std::thread::Builder::new()
         .name("agent-reader".into())
-        .spawn(move || read_loop(reader_conn, frames, tx))
+        .spawn(move || read_loop(reader_conn, frames, tx, 0))
         .map_err(thread_err("reader"));
     let (spawned_tx, spawned_rx) = crossbeam_channel::unbounded();
     let spawn_lock = Arc::new(Mutex::new(()));
@@ -228,14 +250,19 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
             }
         },
     };
-    drop(events_tx);
     let python = python::PythonSide::new(pool, store);
     let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx, python);
     agent.cgroups = cgroups;
+    agent.link = Some(Link { server: addr.clone(), node: node.clone(), events: events_tx });
+    agent.readers.push(reader);
+    // Nothing runs yet: the server may now start tasks here.
+    agent.send_running();
     agent.run(&events_rx);
     agent.stop_workers(&events_rx);
 
     // Step 5.
+    let mut readers = std::mem::take(&mut agent.readers);
+    agent.link = None;
     let reaped_all = agent.tasks.is_empty();
     agent.launcher.cleanup();
     if let Some(cgroups) = &agent.cgroups {
@@ -245,8 +272,10 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
     agent.writer.get_ref().shutdown();
     drop(agent);
     signals.stop();
-    if reader.join().is_err() {
-        warn!("the reader thread panicked");
+    for reader in std::mem::take(&mut readers) {
+        if reader.join().is_err() {
+            warn!("the reader thread panicked");
+        }
     }
     if reaped_all {
         // Without children and with its notice channel closed, it returns.
@@ -387,8 +416,9 @@ fn handshake(
 enum Event {
     /// A message from the server.
     Server(ToAgent),
-    /// The connection ended: cleanly (`None`) or with an error.
-    ServerGone(Option<String>),
+    /// The connection of this generation ended: cleanly (`None`) or with
+    /// an error.
+    ServerGone(u64, Option<String>),
     /// A child was reaped.
     Exited(Exit),
     /// SIGTERM or SIGINT arrived.
@@ -427,12 +457,13 @@ impl Drop for PanicNotice<'_> {
     }
 }
 
-/// The reader thread: decodes frames until the connection ends.
-fn read_loop(mut conn: Conn, mut frames: FrameReader, events: Sender<Event>) {
+/// The reader thread: decodes frames until the connection (the agent's
+/// `generation`th) ends.
+fn read_loop(mut conn: Conn, mut frames: FrameReader, events: Sender<Event>, generation: u64) {
     let _notice = PanicNotice { name: "reader", events: &events };
     let mut buf = vec![0u8; 64 * 1024];
     let gone = |reason: Option<String>| {
-        let _ = events.send(Event::ServerGone(reason));
+        let _ = events.send(Event::ServerGone(generation, reason));
     };
     loop {
         loop {
@@ -639,10 +670,29 @@ struct Agent {
     shutdown_deadline: Option<Instant>,
     /// Where task cgroups are made, when the agent may make them.
     cgroups: Option<Cgroups>,
-    /// The user the agent runs as (the only one whose jobs it runs).
-    uid: u32,
     /// Python workers and shared-memory segments.
     python: python::PythonSide,
+    /// What connecting again needs (`None` in tests and once stopping).
+    link: Option<Link>,
+    /// The reader threads started so far (one per connection).
+    readers: Vec<JoinHandle<()>>,
+    /// The current connection's number; readers of older ones are ignored.
+    generation: u64,
+    /// While the server is lost: when to try connecting again, and the
+    /// pause after that attempt.
+    reconnect: Option<(Instant, Duration)>,
+    /// When a frame was last written (heartbeats fill silences).
+    last_write: Instant,
+    /// PUs and GPUs of each task started here, for `Running` reports.
+    placed: HashMap<TaskId, (Vec<u32>, Vec<u32>)>,
+}
+
+/// Where the agent's server is, and who the agent is to it.
+struct Link {
+    server: ServerAddr,
+    node: NodeInfo,
+    /// For the reader threads of later connections.
+    events: Sender<Event>,
 }
 
 impl Agent {
@@ -670,15 +720,28 @@ impl Agent {
             spawned,
             shutdown_deadline: None,
             cgroups: None,
-            uid: nix::unistd::geteuid().as_raw(),
             python,
+            link: None,
+            readers: Vec::new(),
+            generation: 0,
+            reconnect: None,
+            last_write: Instant::now(),
+            placed: HashMap::new(),
         }
     }
 
     /// Handles events and timers until shutdown is complete.
     fn run(&mut self, events: &Receiver<Event>) {
         loop {
-            let deadline = self.timers.peek().map(|t| t.0.at).into_iter().chain(self.shutdown_deadline).min();
+            let deadline = self
+                .timers
+                .peek()
+                .map(|t| t.0.at)
+                .into_iter()
+                .chain(self.shutdown_deadline)
+                .chain(self.reconnect.map(|(at, _)| at))
+                .chain(self.heartbeat_due())
+                .min();
             let first = match deadline {
                 Some(at) => events.recv_deadline(at),
                 None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -700,7 +763,9 @@ impl Agent {
                 }
             }
             self.fire_timers(Instant::now());
+            self.reconnect_if_due();
             self.flush();
+            self.heartbeat();
             if let Some(deadline) = self.shutdown_deadline {
                 if self.tasks.is_empty() {
                     return;
@@ -717,13 +782,13 @@ impl Agent {
         match event {
             Event::Server(msg) => self.on_message(msg),
             Event::Exited(exit) => self.on_exit(exit),
-            Event::ServerGone(reason) => {
+            Event::ServerGone(generation, _) if generation != self.generation => {}
+            Event::ServerGone(_, reason) => {
                 match &reason {
                     None => info!("the server closed the connection"),
                     Some(e) => warn!("lost the connection to the server: {e}"),
                 }
-                self.server_up = false;
-                self.begin_shutdown("the node agent lost its server");
+                self.server_lost();
             }
             Event::Signal(sig) => {
                 if self.shutdown_deadline.is_some() {
@@ -763,6 +828,7 @@ impl Agent {
             ToAgent::Start(starts) => {
                 let before = self.tasks.len();
                 for start in &starts {
+                    self.placed.insert(start.task, (start.cpus.clone(), start.gpus.clone()));
                     self.start_task(start);
                 }
                 if self.tasks.len() > before {
@@ -1009,11 +1075,18 @@ impl Agent {
         self.python.pool.retire_all();
     }
 
-    /// Writes what happened since the last call: one `Started` and one `Finished` frame at most.
+    /// Writes what happened since the last call: one `Started` and one
+    /// `Finished` frame at most. While the server is away, ends are kept
+    /// for the next connection (and starts forgotten: `Running` says them).
     fn flush(&mut self) {
+        for end in &self.finished {
+            self.placed.remove(&end.task);
+        }
         if !self.server_up {
             self.started.clear();
-            self.finished.clear();
+            return;
+        }
+        if self.started.is_empty() && self.finished.is_empty() {
             return;
         }
         let mut result = Ok(());
@@ -1021,15 +1094,137 @@ impl Agent {
             result = write_frame(&mut self.writer, &AgentMsg::Started(std::mem::take(&mut self.started)));
         }
         if result.is_ok() && !self.finished.is_empty() {
-            result = write_frame(&mut self.writer, &AgentMsg::Finished(std::mem::take(&mut self.finished)));
+            result = write_frame(&mut self.writer, &AgentMsg::Finished(self.finished.clone()));
         }
         let result = result.and_then(|()| self.writer.flush().map_err(FrameError::Io));
-        if let Err(e) = result {
-            warn!("cannot write to the server: {e}");
-            self.server_up = false;
-            self.started.clear();
-            self.finished.clear();
+        match result {
+            Ok(()) => {
+                self.finished.clear();
+                self.last_write = Instant::now();
+            }
+            Err(e) => {
+                // The ends stay: sent again once connected (the server
+                // ignores an end it already has).
+                warn!("cannot write to the server: {e}");
+                self.started.clear();
+                self.server_lost();
+            }
+        }
+    }
+
+    /// The connection is gone: tasks go on, and the agent connects again
+    /// (see the module doc) unless it is stopping.
+    fn server_lost(&mut self) {
+        if !self.server_up {
+            return;
+        }
+        self.server_up = false;
+        self.writer.get_ref().shutdown();
+        if self.link.is_none() {
             self.begin_shutdown("the node agent lost its server");
+        } else if self.shutdown_deadline.is_none() {
+            info!(tasks = self.tasks.len(), "the server is gone: tasks go on; connecting again");
+            self.reconnect = Some((Instant::now() + RECONNECT_FIRST_PAUSE, RECONNECT_FIRST_PAUSE));
+        }
+    }
+
+    /// Tries to connect again when it is time to, and on success sends the
+    /// kept ends and what runs here.
+    fn reconnect_if_due(&mut self) {
+        let Some((at, pause)) = self.reconnect else { return };
+        if self.shutdown_deadline.is_some() {
+            self.reconnect = None;
+            return;
+        }
+        if Instant::now() < at {
+            return;
+        }
+        let Some(link) = &self.link else { return };
+        let attempt = Conn::connect(&link.server)
+            .and_then(|conn| {
+                conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+                let reader_conn = conn.try_clone()?;
+                Ok((conn, reader_conn))
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|(mut conn, reader_conn)| {
+                let (name, frames) =
+                    handshake(&mut conn, &link.node, &link.server).map_err(|e| e.to_string())?;
+                Ok((conn, reader_conn, name, frames))
+            });
+        match attempt {
+            Ok((conn, reader_conn, server_name, frames)) => {
+                self.generation += 1;
+                let (tx, generation) = (link.events.clone(), self.generation);
+                let reader = std::thread::Builder::new()
+                    .name("agent-reader".into())
+                    .spawn(move || read_loop(reader_conn, frames, tx, generation));
+                match reader {
+                    Ok(reader) => self.readers.push(reader),
+                    Err(e) => {
+                        warn!("cannot start a reader thread: {e}");
+                        conn.shutdown();
+                        self.reconnect = Some((Instant::now() + pause, (pause * 2).min(RECONNECT_MAX_PAUSE)));
+                        return;
+                    }
+                }
+                info!(server = %server_name, tasks = self.tasks.len(), ends = self.finished.len(), "connected again");
+                self.writer = BufWriter::with_capacity(64 * 1024, conn);
+                self.server_up = true;
+                self.reconnect = None;
+                // The kept ends first, then what runs: the server settles
+                // the ends before it compares what it expects here.
+                self.flush();
+                self.send_running();
+            }
+            Err(e) => {
+                debug!("cannot connect again yet: {e}");
+                self.reconnect = Some((Instant::now() + pause, (pause * 2).min(RECONNECT_MAX_PAUSE)));
+            }
+        }
+    }
+
+    /// Sends every task running here (after each welcome).
+    fn send_running(&mut self) {
+        if !self.server_up {
+            return;
+        }
+        let running: Vec<TaskRunning> = self
+            .pids
+            .keys()
+            .map(|&task| {
+                let (cpus, gpus) = self.placed.get(&task).cloned().unwrap_or_default();
+                TaskRunning { task, cpus, gpus }
+            })
+            .collect();
+        let result = write_frame(&mut self.writer, &AgentMsg::Running(running))
+            .and_then(|()| self.writer.flush().map_err(FrameError::Io));
+        match result {
+            Ok(()) => self.last_write = Instant::now(),
+            Err(e) => {
+                warn!("cannot write to the server: {e}");
+                self.server_lost();
+            }
+        }
+    }
+
+    /// When the next heartbeat is due, while connected.
+    fn heartbeat_due(&self) -> Option<Instant> {
+        (self.server_up && self.link.is_some()).then(|| self.last_write + HEARTBEAT)
+    }
+
+    /// Sends a heartbeat if nothing was written for [`HEARTBEAT`].
+    fn heartbeat(&mut self) {
+        if self.heartbeat_due().is_some_and(|at| Instant::now() >= at) {
+            let result = write_frame(&mut self.writer, &AgentMsg::Heartbeat)
+                .and_then(|()| self.writer.flush().map_err(FrameError::Io));
+            match result {
+                Ok(()) => self.last_write = Instant::now(),
+                Err(e) => {
+                    warn!("cannot write to the server: {e}");
+                    self.server_lost();
+                }
+            }
         }
     }
 }

@@ -105,6 +105,7 @@ impl Harness {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             match read_frame::<AgentMsg>(&mut self.conn) {
                 Ok(AgentMsg::Started(ids)) => self.started.extend(ids),
+                Ok(AgentMsg::Heartbeat | AgentMsg::Running(_)) => {}
                 Ok(AgentMsg::Finished(ends)) => {
                     self.finished_frames += 1;
                     for end in ends {
@@ -272,8 +273,10 @@ fn runs_tasks_and_reports_their_ends() {
         h.finished[&TaskId { seq: 1, index: Some(4) }].comment.as_deref().unwrap().contains("no definition")
     );
 
-    // The server hangs up: the agent stops cleanly and removes its spool files.
-    drop(h.conn);
+    // The server says stop: the agent stops cleanly and removes its spool
+    // files. (A server that hangs up is reconnected to, see
+    // `a_lost_server_is_reconnected_to_with_the_ends_kept`.)
+    h.send(&ToAgent::Shutdown);
     h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
     assert_eq!(std::fs::read_dir(&h.spool).unwrap().count(), 0, "spool files left behind");
 }
@@ -300,7 +303,7 @@ fn jobs_start_with_an_empty_signal_mask() {
     assert_eq!(h.finished[&t.task].exit_status, 0);
     let out = std::fs::read_to_string(h.path("1.out")).unwrap();
     assert_eq!(out.split_whitespace().last(), Some("0000000000000000"), "{out}");
-    drop(h.conn);
+    h.send(&ToAgent::Shutdown);
     h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
 }
 
@@ -321,12 +324,15 @@ fn jobs_of_users_unknown_here_or_of_others_when_not_root_are_refused() {
     let comment = end.comment.as_deref().unwrap();
     if nix::unistd::geteuid().is_root() {
         // A root agent runs jobs as their owner, who must exist on the node.
-        assert!(comment.contains("cannot run the job as someone-else") && comment.contains("no such user"), "{end:?}");
+        assert!(
+            comment.contains("cannot run the job as someone-else") && comment.contains("no such user"),
+            "{end:?}"
+        );
     } else {
         assert!(comment.contains("does not run jobs of other users"), "{end:?}");
     }
     assert!(!workdir.join("ran.txt").exists(), "the job must not run");
-    drop(h.conn);
+    h.send(&ToAgent::Shutdown);
     h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
 }
 
@@ -352,7 +358,7 @@ fn many_ends_share_frames() {
     h.wait_finished(&ids);
     assert!(h.finished.values().all(|e| e.exit_status == 0));
     assert!(h.finished_frames < n as usize, "{} frames for {n} ends", h.finished_frames);
-    drop(h.conn);
+    h.send(&ToAgent::Shutdown);
     h.agent.recv_timeout(TIMEOUT).unwrap().unwrap();
 }
 
@@ -437,20 +443,68 @@ fn shutdown_kills_running_tasks_and_cleans_up() {
 }
 
 #[test]
-fn lost_server_kills_running_tasks() {
+fn a_lost_server_is_reconnected_to_with_the_ends_kept() {
     let _one = serial();
     let mut h = Harness::new(Duration::from_millis(300));
     let workdir = h.dir.path().to_path_buf();
-    let body = format!("trap '' TERM\necho $$ > {}\nwhile :; do sleep 1; done\n", h.path("sleeper.pid"));
-    h.define(job(1, script(&body), &workdir));
-    let t = task(1, None, &h);
-    h.send(&ToAgent::Start(vec![t.clone()]));
-    h.wait_started(&[t.task]);
+    // Job 1 ends while the server is away; job 2 still runs when it is back.
+    h.define(job(1, script("sleep 0.5\n"), &workdir));
+    let body = format!("echo $$ > {}\nwhile :; do sleep 1; done\n", h.path("sleeper.pid"));
+    h.define(job(2, script(&body), &workdir));
+    let (t1, mut t2) = (task(1, None, &h), task(2, None, &h));
+    t2.cpus = vec![0];
+    h.send(&ToAgent::Start(vec![t1.clone(), t2.clone()]));
+    h.wait_started(&[t1.task, t2.task]);
     let pid = read_pid(&h.path("sleeper.pid"));
-    drop(h.conn);
-    // The task ignores SIGTERM: the agent returns once the SIGKILL has done it.
-    h.agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
+
+    // The server goes away; a new one listens at the same place later.
+    let sock = h.dir.path().join("server.sock");
+    drop(std::mem::replace(&mut h.conn, UnixStream::pair().unwrap().0));
+    std::fs::remove_file(&sock).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(h.agent.try_recv().is_err(), "the agent must not stop");
+    assert!(!process_gone(pid), "its tasks go on");
+    let listener = UnixListener::bind(&sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    h.conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the agent did not connect again");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    h.conn.set_nonblocking(false).unwrap();
+    h.conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let hello: Hello = read_frame(&mut h.conn).unwrap();
+    assert!(matches!(hello.role, Role::Agent(ref n) if n.hostname == "testnode"));
+    write_frame(&mut h.conn, &ToAgent::Welcome { server_name: "srv".into() }).unwrap();
+
+    // First the kept end, then what runs (with its cpus).
+    let mut kept = Vec::new();
+    let running = loop {
+        match read_frame::<AgentMsg>(&mut h.conn).unwrap() {
+            AgentMsg::Finished(ends) => kept.extend(ends),
+            AgentMsg::Running(r) => break r,
+            AgentMsg::Started(_) | AgentMsg::Heartbeat => {}
+        }
+    };
+    assert_eq!(kept.iter().map(|e| (e.task, e.exit_status)).collect::<Vec<_>>(), vec![(t1.task, 0)]);
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!((running[0].task, running[0].cpus.clone()), (t2.task, vec![0]));
+
+    // Idle, it sends heartbeats.
+    assert!(matches!(read_frame::<AgentMsg>(&mut h.conn).unwrap(), AgentMsg::Heartbeat));
+
+    // The new server kills the task and stops the agent.
+    h.send(&ToAgent::Kill { task: t2.task, reason: "moved".into() });
+    h.wait_finished(&[t2.task]);
     wait_gone(pid);
+    h.send(&ToAgent::Shutdown);
+    h.agent_result().unwrap();
 }
 
 #[test]
@@ -539,7 +593,7 @@ fn throughput_of_true_tasks() {
     let mut ended = 0;
     while ended < n {
         match read_frame::<AgentMsg>(&mut h.conn).unwrap() {
-            AgentMsg::Started(_) => {}
+            AgentMsg::Started(_) | AgentMsg::Heartbeat | AgentMsg::Running(_) => {}
             AgentMsg::Finished(ends) => {
                 ended += ends.len() as u32;
                 assert!(ends.iter().all(|e| e.exit_status == 0), "{ends:?}");
@@ -555,7 +609,7 @@ fn throughput_of_true_tasks() {
     }
     let rate = f64::from(n) / t0.elapsed().as_secs_f64();
     println!("floor {floor_rate:.0}/s, agent {rate:.0}/s ({:.0}%)", 100.0 * rate / floor_rate);
-    drop(h.conn);
+    h.send(&ToAgent::Shutdown);
     h.agent.recv_timeout(TIMEOUT).unwrap().unwrap();
     assert!(rate >= floor_rate / 2.0, "agent {rate:.0}/s is below half the floor {floor_rate:.0}/s");
 }

@@ -91,6 +91,40 @@ pub struct Client {
     reader: BufReader<Box<dyn std::io::Read + Send>>,
     writer: BufWriter<Box<dyn Stream>>,
     server_name: String,
+    /// Where it connected, to connect again.
+    addr: ServerAddr,
+}
+
+/// How long [`Client::request_reconnecting`] tries to reach a server that
+/// went away (a restart) before it gives up.
+pub const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// First pause between two attempts to reconnect; it doubles up to
+/// [`RECONNECT_MAX_PAUSE`].
+pub const RECONNECT_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Longest pause between two attempts to reconnect.
+pub const RECONNECT_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl ClientError {
+    /// Whether the server went away without a word (it crashed, or is
+    /// restarting after one) rather than refused: a request that changes
+    /// nothing may be sent again once it is back. A server that said it is
+    /// shutting down (`ErrorKind::ShuttingDown`, a deliberate stop) did not
+    /// go away in this sense: its error is final.
+    pub fn server_went_away(&self) -> bool {
+        match self {
+            ClientError::NotRunning { .. } | ClientError::Frame(_) => true,
+            ClientError::Connect { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::TimedOut
+            ),
+            ClientError::Server(_) => false,
+            ClientError::Unexpected(_) => false,
+        }
+    }
 }
 
 impl Client {
@@ -113,8 +147,12 @@ impl Client {
                 (Box::new(s.try_clone().map_err(connect_err)?), Box::new(s))
             }
         };
-        let mut client =
-            Client { reader: BufReader::new(r), writer: BufWriter::new(w), server_name: String::new() };
+        let mut client = Client {
+            reader: BufReader::new(r),
+            writer: BufWriter::new(w),
+            server_name: String::new(),
+            addr: addr.clone(),
+        };
         write_frame(&mut client.writer, &Hello::new(Role::Client))?;
         client.writer.flush().map_err(FrameError::Io)?;
         match read_frame::<ServerReply>(&mut client.reader)? {
@@ -133,6 +171,50 @@ impl Client {
     /// The server's name (suffix of job ids).
     pub fn server_name(&self) -> &str {
         &self.server_name
+    }
+
+    /// Sends a request that changes nothing (a query, a wait) and returns
+    /// its reply; if the server went away ([`ClientError::server_went_away`]),
+    /// connects again, pausing 50 ms, then twice as long each time up to
+    /// 2 s, for at most `window` after the failure, and sends it again. A
+    /// wait's timeout counts from the first call: the request is rebuilt by
+    /// `req` with the time left (`None` when there is no deadline).
+    ///
+    /// Never use it for a submission: one whose reply was lost may have
+    /// been accepted, and sending it again would queue it twice.
+    pub fn request_reconnecting(
+        &mut self,
+        window: std::time::Duration,
+        deadline: Option<std::time::Instant>,
+        mut req: impl FnMut(Option<std::time::Duration>) -> ClientRequest,
+    ) -> Result<ServerReply, ClientError> {
+        use std::time::Instant;
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let err = match self.request(&req(left)) {
+                Err(e) if e.server_went_away() => e,
+                other => return other,
+            };
+            let give_up = Instant::now() + window;
+            let mut pause = RECONNECT_FIRST_PAUSE;
+            let mut last = err;
+            loop {
+                let now = Instant::now();
+                if now >= give_up {
+                    return Err(last);
+                }
+                std::thread::sleep(pause.min(give_up - now));
+                pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
+                match Client::connect(&self.addr) {
+                    Ok(fresh) => {
+                        *self = fresh;
+                        break;
+                    }
+                    Err(e) if e.server_went_away() => last = e,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     }
 
     /// Sends one request and returns its reply; a [`ServerReply::Error`] becomes

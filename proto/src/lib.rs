@@ -20,7 +20,9 @@ pub use msg::*;
 /// Version of the protocol spoken by this build. Peers must match exactly.
 ///
 /// 2: [`NodeInfo`] gained `package_pus`, `l3` and `gpus`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: agents reconnect: [`AgentMsg::Heartbeat`], [`AgentMsg::Running`]
+/// (with [`TaskRunning`]); [`JobInfo`] gained `run_count`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Magic number at the start of every [`Hello`], so that a stray peer (an HTTP
 /// client, a port scanner) is recognised at once.

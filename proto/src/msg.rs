@@ -527,6 +527,11 @@ pub struct JobInfo {
     pub stderr_path: String,
     /// For an array: counts of its tasks by state.
     pub array_counts: Option<ArrayCounts>,
+    /// How many times the task was started (`run_count` of `qstat -f`):
+    /// 1 for a task that ran once, more when it was queued again after its
+    /// node was lost; 0 before it started. For an array, the sum over its
+    /// tasks that started again (0 when none did).
+    pub run_count: u32,
 }
 
 /// Counts of an array's tasks by state.
@@ -690,12 +695,38 @@ pub struct StartTask {
 }
 
 /// A message from an agent to the server.
+///
+/// After each `Welcome` (its first connection and every reconnection), an
+/// agent sends the ends it kept while it had no server (`Finished`), then
+/// one `Running` listing every task it runs; until `Running` arrives the
+/// server starts nothing on the node. While nothing else is sent, it sends
+/// a `Heartbeat` every second or so; a server that hears nothing from an
+/// agent for its node timeout counts the node as lost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMsg {
     /// Tasks that started (their processes exist).
     Started(Vec<TaskId>),
     /// Tasks that ended.
     Finished(Vec<TaskEnd>),
+    /// The agent is alive (nothing else to say).
+    Heartbeat,
+    /// Every task the agent runs now, with its resources: sent once after
+    /// each `Welcome`, after the ends the agent kept while it had no server.
+    /// The server keeps the tasks it expects there, adopts those it lost
+    /// track of (a restart), and kills the others (they were moved
+    /// elsewhere or ended while the agent was away).
+    Running(Vec<TaskRunning>),
+}
+
+/// One task an agent runs, as it reports it in [`AgentMsg::Running`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRunning {
+    /// The task.
+    pub task: TaskId,
+    /// OS indices of the PUs it is pinned to (as its `StartTask` said).
+    pub cpus: Vec<u32>,
+    /// The GPUs it was given.
+    pub gpus: Vec<u32>,
 }
 
 /// How a task ended.

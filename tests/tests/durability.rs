@@ -4,197 +4,20 @@
 //! damaged record in the middle and a newer format refuse the start,
 //! saying where and what to do, and change nothing.
 //!
-//! Agents do not reconnect to a restarted server yet: an agent stops (and
-//! kills its tasks) when its server dies, so each restart starts a new
-//! agent, and a task that ran at a kill runs again (it is rerunnable). Such
-//! a task may have written its line just before the kill, so a duplicate
-//! is allowed for at most one task per core and kill; everything else runs
-//! exactly once.
+//! The agent outlives each killed server, keeps running its tasks and
+//! reconnects to the next one, which keeps what it confirms: tasks run
+//! once, except a task rerun after its node was lost, which its
+//! `run_count` shows (`faults.rs` kills agents too).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use picloud_proto::{Client, ClientRequest, ServerAddr, ServerReply};
-use picloud_tests::{picloud_bin, wait_until};
+use picloud_proto::{Client, ClientRequest, ServerReply};
+use picloud_tests::{Site, wait_until};
 
 const LONG: Duration = Duration::from_secs(180);
-
-/// A process killed (SIGKILL) when dropped, so a failing test leaves nothing.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.0.as_ref().expect("running").id() as i32)
-    }
-
-    /// Waits for the process to exit on its own.
-    fn wait_exit(&mut self, timeout: Duration) {
-        let child = self.0.as_mut().expect("running");
-        let deadline = Instant::now() + timeout;
-        while child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "process {} did not exit", child.id());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.0 = None;
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// A server and an agent started separately in one state directory, so
-/// that the server can be killed alone and started again.
-struct Site {
-    dir: tempfile::TempDir,
-    work: PathBuf,
-    server: Proc,
-    agent: Proc,
-    starts: u32,
-}
-
-impl Site {
-    fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("picloud-durability-").tempdir().unwrap();
-        let work = dir.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        let bin_dir = dir.path().join("bin");
-        let status = Command::new(picloud_bin())
-            .arg("install-pbs-commands")
-            .arg(&bin_dir)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        Site { dir, work, server: Proc(None), agent: Proc(None), starts: 0 }
-    }
-
-    fn addr(&self) -> ServerAddr {
-        ServerAddr::of_state_dir(self.dir.path())
-    }
-
-    fn log(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(name)).unwrap()
-    }
-
-    /// Runs `picloud server` to completion (for a start that must fail).
-    fn server_refuses(&self) -> Output {
-        Command::new(picloud_bin())
-            .args(["server", "--name", "testsrv", "--dir"])
-            .arg(self.dir.path())
-            .env("PICLOUD_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    /// Starts the server and a new agent, and waits until the agent has joined.
-    fn start(&mut self) {
-        self.starts += 1;
-        let child = Command::new(picloud_bin())
-            .args(["server", "--name", "testsrv", "--dir"])
-            .arg(self.dir.path())
-            .env("PICLOUD_LOG", "info")
-            .stdout(self.log("server.log"))
-            .stderr(self.log("server.log"))
-            .spawn()
-            .unwrap();
-        self.server = Proc(Some(child));
-        let addr = self.addr();
-        wait_until("the server to listen", Duration::from_secs(60), || Client::connect(&addr).is_ok());
-        let child = Command::new(picloud_bin())
-            .args(["agent", "--kill-grace", "1", "--no-shm", "--dir"])
-            .arg(self.dir.path())
-            .env("PICLOUD_LOG", "info")
-            .stdout(self.log("agent.log"))
-            .stderr(self.log("agent.log"))
-            .spawn()
-            .unwrap();
-        self.agent = Proc(Some(child));
-        wait_until("the agent to join", Duration::from_secs(60), || {
-            matches!(Client::connect(&addr).and_then(|mut c| c.request(&ClientRequest::Nodes)),
-                     Ok(ServerReply::Nodes(n)) if n.iter().any(|n| n.state == "up"))
-        });
-    }
-
-    /// SIGKILL to the server; its agent then stops by itself.
-    fn kill_server(&mut self) {
-        kill(self.server.pid(), Signal::SIGKILL).unwrap();
-        self.server.wait_exit(Duration::from_secs(10));
-        self.agent.wait_exit(Duration::from_secs(30));
-    }
-
-    fn run(&self, name: &str, args: &[&str]) -> Output {
-        let path = if name == "picloud" { picloud_bin() } else { self.dir.path().join("bin").join(name) };
-        Command::new(path)
-            .args(args)
-            .current_dir(&self.work)
-            .env("PICLOUD_DIR", self.dir.path())
-            .env_remove("PICLOUD_SERVER")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn qsub(&self, args: &[&str]) -> String {
-        let out = self.run("qsub", args);
-        assert!(out.status.success(), "qsub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    fn job_json(&self, id: &str) -> serde_json::Value {
-        let out = self.run("qstat", &["-f", "-F", "json", "-x", id]);
-        assert!(out.status.success(), "qstat {id}: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["Jobs"][id].clone()
-    }
-
-    fn wait_finished(&self, id: &str) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
-        wait_until(&format!("{id} to finish"), LONG, || {
-            last = self.job_json(id);
-            last["job_state"] == "F"
-        });
-        last
-    }
-
-    /// Lines of a file in the work directory, counted.
-    fn lines(&self, name: &str) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for line in std::fs::read_to_string(self.work.join(name)).unwrap_or_default().lines() {
-            *counts.entry(line.to_string()).or_default() += 1;
-        }
-        counts
-    }
-
-    fn journal_dir(&self) -> PathBuf {
-        self.dir.path().join("journal")
-    }
-
-    /// The newest journal segment.
-    fn last_segment(&self) -> PathBuf {
-        let mut segs: Vec<PathBuf> = std::fs::read_dir(self.journal_dir())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        segs.sort();
-        segs.pop().expect("a segment")
-    }
-}
 
 /// A job that appends `tag` (with the array index) to `file` as its last act.
 fn appender<'a>(file: &'a str, tag: &'a str) -> Vec<String> {
@@ -221,7 +44,7 @@ fn check_indices(lines: &BTreeMap<String, usize>, tag: &str, n: u32) -> usize {
 
 #[test]
 fn killed_servers_lose_no_acknowledged_job() {
-    let mut site = Site::new();
+    let mut site = Site::new(&[]);
     site.start();
     let cores = match Client::connect(&site.addr()).unwrap().request(&ClientRequest::Nodes).unwrap() {
         ServerReply::Nodes(n) => n[0].info.cores.len(),
@@ -230,7 +53,7 @@ fn killed_servers_lose_no_acknowledged_job() {
     let quiet = ["-j", "oe", "-o", "/dev/null"];
     // A plain job that fails, to see its status after the restarts.
     let failed = site.qsub(&["-o", "/dev/null", "-j", "oe", "--", "sh", "-c", "exit 3"]);
-    site.wait_finished(&failed);
+    site.wait_finished(&failed, LONG);
     let a = site.qsub(&[&quiet[..], &["-J", "0-1999"], &args(&appender("lines", "a"))[..]].concat());
     let held = site.qsub(&[&quiet[..], &["-h"], &args(&appender("lines", "h"))[..]].concat());
     let after_a = format!("depend=afterok:{a}");
@@ -261,7 +84,7 @@ fn killed_servers_lose_no_acknowledged_job() {
     let out = site.run("qrls", &[&held]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for id in [&a, &b, &dep, &held] {
-        let job = site.wait_finished(id);
+        let job = site.wait_finished(id, LONG);
         assert_eq!(job["Exit_status"], 0, "{id}: {job}");
     }
     let lines = site.lines("lines");
@@ -285,7 +108,7 @@ fn killed_servers_lose_no_acknowledged_job() {
 
 #[test]
 fn a_torn_last_record_is_cut_and_the_rest_kept() {
-    let mut site = Site::new();
+    let mut site = Site::new(&[]);
     site.start();
     let first = site.qsub(&["-h", "--", "true"]);
     let second = site.qsub(&["-h", "--", "true"]);
@@ -320,7 +143,7 @@ fn snapshot_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn a_damaged_middle_record_refuses_the_start_with_its_offset() {
-    let mut site = Site::new();
+    let mut site = Site::new(&[]);
     site.start();
     for _ in 0..3 {
         site.qsub(&["-h", "--", "true"]);
@@ -345,7 +168,7 @@ fn a_damaged_middle_record_refuses_the_start_with_its_offset() {
 
 #[test]
 fn a_newer_journal_refuses_the_start() {
-    let mut site = Site::new();
+    let mut site = Site::new(&[]);
     site.start();
     site.qsub(&["-h", "--", "true"]);
     site.kill_server();
@@ -363,10 +186,10 @@ fn a_newer_journal_refuses_the_start() {
 
 #[test]
 fn a_clean_stop_and_start_keeps_finished_jobs_and_results() {
-    let mut site = Site::new();
+    let mut site = Site::new(&[]);
     site.start();
     let id = site.qsub(&["-N", "hello", "--", "sh", "-c", "echo hi; exit 4"]);
-    site.wait_finished(&id);
+    site.wait_finished(&id, LONG);
     // SIGTERM: a clean stop writes a snapshot.
     kill(site.server.pid(), Signal::SIGTERM).unwrap();
     site.server.wait_exit(Duration::from_secs(30));

@@ -274,6 +274,9 @@ pub(crate) fn job_attributes(job: &JobInfo, view: &View<'_>) -> Vec<Attr> {
     if let Some(t) = job.etime {
         a.push(s("etime", (view.time)(t)));
     }
+    if job.run_count > 0 {
+        a.push(int("run_count", job.run_count));
+    }
     if let Some(status) = job.exit_status {
         a.push(int("Exit_status", status));
     }
@@ -828,6 +831,7 @@ pub(crate) mod tests {
             stdout_path: "/home/alice/job.sh.o12".into(),
             stderr_path: "/home/alice/job.sh.e12".into(),
             array_counts: None,
+            run_count: 1,
         }
     }
 
@@ -845,6 +849,7 @@ pub(crate) mod tests {
         j.stime = None;
         j.end_time = None;
         j.used = ResourcesUsed::default();
+        j.run_count = 0;
         j
     }
 
@@ -961,6 +966,7 @@ Job Id: 12.head
     Variable_List = PBS_O_HOST=head,PBS_O_QUEUE=workq,PBS_O_WORKDIR=/home/alice
     comment = Job run on head
     etime = T100
+    run_count = 1
     Exit_status = 0
     Submit_arguments = -l ncpus=2 job.sh
     depend = afterok:11.head

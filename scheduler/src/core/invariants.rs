@@ -92,16 +92,29 @@ impl Core {
             assert!(!job.is_done(), "job {seq} is done but still live");
             let running = self.running.of_job(seq).count() as u64;
             assert_eq!(running, job.running, "job {seq}: running count");
-            // Cancelled array tasks count as ended already.
-            let unstarted = job.total - job.cursor - job.skipped.len() as u64;
+            // Cancelled array tasks count as ended already, adopted ones
+            // passed over by the cursor as running.
+            let unstarted = job.total - job.cursor - job.skipped.len() as u64 + job.requeued.len() as u64;
+            let first = super::TaskId { seq, index: None };
+            let last = super::TaskId { seq, index: Some(u32::MAX) };
+            let unconfirmed = self.unconfirmed.range(first..=last).count() as u64;
+            assert_eq!(unconfirmed, job.unconfirmed, "job {seq}: unconfirmed count");
             assert_eq!(
-                job.ended + job.running + unstarted,
-                job.total,
-                "job {seq}: ended {} + running {} + unstarted {unstarted} != total {}",
+                job.ended + job.running + job.unconfirmed + unstarted,
+                job.total + job.extra,
+                "job {seq}: ended {} + running {} + unconfirmed {} + unstarted {unstarted} != total {} + {}",
                 job.ended,
                 job.running,
-                job.total
+                job.unconfirmed,
+                job.total,
+                job.extra
             );
+            for t in &job.requeued {
+                assert!(
+                    !self.running.tasks.contains_key(&super::TaskId { seq, index: *t }),
+                    "job {seq}: requeued {t:?} runs"
+                );
+            }
             if let Some(Some(i)) = job.next_task() {
                 assert!(!job.skipped.contains(&i), "job {seq}: a cancelled index at the cursor");
             }

@@ -98,6 +98,48 @@ pub enum Event {
     },
     /// Time passed; multifactor priorities are recomputed.
     Tick,
+    /// A task that runs on a node that was lost (or that no agent confirmed
+    /// after a restart) is queued again: its resources are free, and it
+    /// starts again like a task that never ran.
+    Requeue(TaskId),
+    /// A task that runs on a node that was lost (or that no agent confirmed
+    /// after a restart) ends as failed ([`EndReason::NodeLost`]).
+    Lost(TaskId),
+    /// An agent reports a task running with exactly these resources: a task
+    /// the core has as unconfirmed (restored after a restart) or as not
+    /// started (its start was sent, its record was lost with the server).
+    /// It runs from now on, as if started here. Any other task is left
+    /// alone (see [`Core::adoptable`]).
+    Adopt {
+        /// The node it runs on.
+        node: NodeId,
+        /// The task and its resources.
+        task: Adopted,
+    },
+    /// A node's agent (re)joined and reported what it runs: the node offers
+    /// its resources (as [`Event::NodeJoined`]), after the tasks it runs
+    /// are adopted (as [`Event::Adopt`]), so that none of them is started
+    /// there again. A node the core still knows with this shape keeps its
+    /// running tasks.
+    Rejoined {
+        /// Node.
+        node: NodeId,
+        /// Its hardware.
+        shape: NodeShape,
+        /// Tasks its agent runs that the core should adopt.
+        running: Vec<Adopted>,
+    },
+}
+
+/// A task an agent runs, with what it was given: see [`Event::Adopt`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// Task.
+    pub task: TaskId,
+    /// OS indices of the PUs it is pinned to.
+    pub pus: Vec<u32>,
+    /// GPUs it holds.
+    pub gpus: Vec<u32>,
 }
 
 /// A job as a restarted server rebuilds it: see [`Core::restore_job`].
@@ -113,6 +155,14 @@ pub struct RestoredJob {
     pub any_failed: bool,
     /// Outcomes of ended array tasks that other jobs depend on one by one.
     pub task_outcomes: BTreeMap<u32, bool>,
+    /// Tasks that ran when the server stopped, outside `request.array`:
+    /// neither running nor to start until an agent confirms them
+    /// ([`Event::Adopt`]) or they are settled ([`Event::Requeue`],
+    /// [`Event::Lost`], [`Event::TaskFinished`]).
+    pub unconfirmed: Vec<Option<u32>>,
+    /// No task of `request` is left to start (`request.array` is then not
+    /// read; a plain job whose task is unconfirmed sets this).
+    pub nothing_to_start: bool,
 }
 
 /// Why a task ended without finishing on its own.
@@ -194,6 +244,16 @@ struct Job {
     any_failed: bool,
     /// Ended tasks of arrays that others depend on individually, with success.
     task_outcomes: BTreeMap<u32, bool>,
+    /// Tasks that started and were queued again (their node was lost):
+    /// started before any task at the cursor.
+    requeued: BTreeSet<Option<u32>>,
+    /// Tasks restored as unconfirmed ([`RestoredJob::unconfirmed`]) and not
+    /// settled yet.
+    unconfirmed: u64,
+    /// Tasks outside the positions of `request.array` that the job still
+    /// counts (the unconfirmed tasks of a restored job): it is done once
+    /// `ended == total + extra`.
+    extra: u64,
     /// When it last became eligible (entered the queue), for the age factor.
     eligible_since: Millis,
     /// Multifactor priority as last computed.
@@ -204,28 +264,35 @@ struct Job {
 
 impl Job {
     fn unstarted(&self) -> u64 {
-        self.total - self.cursor
+        self.total - self.cursor + self.requeued.len() as u64
     }
 
     fn is_done(&self) -> bool {
-        self.ended == self.total
+        self.ended == self.total + self.extra
     }
 
     /// Whether a task of it may start now.
     fn is_eligible(&self) -> bool {
-        !self.held && self.waiting_on.is_empty() && self.cursor < self.total
+        !self.held && self.waiting_on.is_empty() && (self.cursor < self.total || !self.requeued.is_empty())
     }
 
-    /// The task at the cursor.
+    /// The next task to start: a requeued one, else the task at the cursor.
     fn next_task(&self) -> Option<Option<u32>> {
+        if let Some(&t) = self.requeued.first() {
+            return Some(t);
+        }
         if self.cursor >= self.total {
             return None;
         }
         Some(self.request.array.as_ref().map(|a| nth_index(a, self.cursor)))
     }
 
-    /// Moves the cursor past the task just started and any cancelled ones.
+    /// Moves past the task just started: out of the requeued ones, else
+    /// the cursor past it and any cancelled ones.
     fn advance(&mut self) {
+        if self.requeued.pop_first().is_some() {
+            return;
+        }
         self.cursor += 1;
         self.skip_cancelled();
     }
@@ -344,6 +411,8 @@ pub struct Core {
     last_recompute: Millis,
     /// The reservation made by the last pass: (job, shadow time).
     reservation: Option<(u64, Millis)>,
+    /// Tasks restored as unconfirmed (see [`RestoredJob::unconfirmed`]).
+    unconfirmed: BTreeSet<TaskId>,
 }
 
 impl Default for Core {
@@ -376,6 +445,7 @@ impl Core {
             now: 0,
             last_recompute: 0,
             reservation: None,
+            unconfirmed: BTreeSet::new(),
         }
     }
 
@@ -408,6 +478,27 @@ impl Core {
             Event::NodeLeft(node) => self.node_left(node),
             Event::TaskFinished { task, success } => self.task_finished(task, success, out),
             Event::Tick => {}
+            Event::Requeue(task) => self.requeue(task),
+            Event::Lost(task) => {
+                if self.stop_task(task) {
+                    out.push(Decision::End { seq: task.seq, index: task.index, reason: EndReason::NodeLost });
+                    self.tasks_ended(task.seq, 1, task.index, false, out);
+                }
+            }
+            Event::Adopt { node, task } => {
+                // A task it refuses is left to the caller (`is_running`).
+                let _ = self.adopt(node, task);
+            }
+            Event::Rejoined { node, shape, running } => {
+                if self.nodes.shape(node) != Some(&shape) {
+                    self.node_joined(node, shape, out);
+                } else if self.draining.remove(&node) {
+                    self.table.set_usable(node, true);
+                }
+                for task in running {
+                    let _ = self.adopt(node, task);
+                }
+            }
         }
         if self.config.policy == Policy::Multifactor
             && (tick || now >= self.last_recompute.saturating_add(self.config.recompute_interval))
@@ -433,8 +524,39 @@ impl Core {
     /// skipped).
     pub fn is_unstarted(&self, seq: u64, index: u32) -> bool {
         let Some(job) = self.jobs.get(&seq) else { return false };
+        if job.requeued.contains(&Some(index)) {
+            return true;
+        }
         let Some(array) = &job.request.array else { return false };
-        array.contains(index) && !job.skipped.contains(&index) && position_of(array, index) >= job.cursor
+        array.contains(index)
+            && !job.skipped.contains(&index)
+            && job.cursor < job.total
+            && position_of(array, index) >= job.cursor
+    }
+
+    /// Whether [`Event::Adopt`] would adopt `task` (given resources that
+    /// are free): it is unconfirmed, or has not started (a requeued task
+    /// included).
+    pub fn adoptable(&self, task: TaskId) -> bool {
+        if self.unconfirmed.contains(&task) {
+            return true;
+        }
+        let Some(job) = self.jobs.get(&task.seq) else { return false };
+        match task.index {
+            _ if job.requeued.contains(&task.index) => true,
+            None => job.request.array.is_none() && job.cursor < job.total,
+            Some(i) => self.is_unstarted(task.seq, i),
+        }
+    }
+
+    /// Whether `task` runs (started or adopted here).
+    pub fn is_running(&self, task: TaskId) -> bool {
+        self.running.tasks.contains_key(&task)
+    }
+
+    /// Tasks restored as unconfirmed and not settled yet.
+    pub fn unconfirmed(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.unconfirmed.iter().copied()
     }
 
     /// Rebuilds a job after a restart of the server: like a submission of
@@ -444,8 +566,15 @@ impl Core {
     /// A dependency that can never be met now ends the job at once (its
     /// decisions go to `out`). Nothing starts until [`Core::apply`] runs.
     pub fn restore_job(&mut self, seq: u64, job: RestoredJob, out: &mut Vec<Decision>) {
-        let RestoredJob { request, held, any_failed, task_outcomes } = job;
-        self.add_job(seq, request, held, any_failed, task_outcomes, out);
+        let RestoredJob { request, held, any_failed, task_outcomes, unconfirmed, nothing_to_start } = job;
+        if self.jobs.contains_key(&seq) || self.finished.contains_key(&seq) {
+            return;
+        }
+        let extra = unconfirmed.len() as u64;
+        for &index in &unconfirmed {
+            self.unconfirmed.insert(TaskId { seq, index });
+        }
+        self.add_job_with(seq, request, held, any_failed, task_outcomes, (nothing_to_start, extra), out);
     }
 
     /// Remembers a job that finished before a restart of the server, so
@@ -516,11 +645,20 @@ impl Core {
 
     /// Puts `seq` into the queue or takes it out, as its state says.
     fn update_queue(&mut self, seq: u64) {
+        self.update_queue_aged(seq, false);
+    }
+
+    /// [`Core::update_queue`]; `keep_age`: a job that enters the queue
+    /// keeps the age it had (a task queued again after its node was lost
+    /// does not go to the back).
+    fn update_queue_aged(&mut self, seq: u64, keep_age: bool) {
         let Core { jobs, queue, config, fair_share, cluster_cores, now, .. } = self;
         let Some(job) = jobs.get_mut(&seq) else { return };
         match (job.is_eligible(), job.queued) {
             (true, None) => {
-                job.eligible_since = *now;
+                if !keep_age {
+                    job.eligible_since = *now;
+                }
                 if config.policy == Policy::Multifactor {
                     job.priority =
                         job.factors(config, fair_share, *cluster_cores, *now).priority(&config.weights);
@@ -576,12 +714,31 @@ impl Core {
         task_outcomes: BTreeMap<u32, bool>,
         out: &mut Vec<Decision>,
     ) {
+        self.add_job_with(seq, request, held, any_failed, task_outcomes, (false, 0), out);
+    }
+
+    /// [`Core::add_job`], for a restored job too: `(nothing_to_start,
+    /// extra)` as in [`RestoredJob`] (`extra`: its unconfirmed tasks).
+    #[allow(clippy::too_many_arguments)]
+    fn add_job_with(
+        &mut self,
+        seq: u64,
+        request: Request,
+        held: bool,
+        any_failed: bool,
+        task_outcomes: BTreeMap<u32, bool>,
+        (nothing_to_start, extra): (bool, u64),
+        out: &mut Vec<Decision>,
+    ) {
         if self.jobs.contains_key(&seq) || self.finished.contains_key(&seq) {
             return; // a sequence number is used once
         }
         self.fair_share.add_user(request.user, self.now);
-        let total = request.array.as_ref().map_or(1, ArrayIndices::len);
+        let total = if nothing_to_start { 0 } else { request.array.as_ref().map_or(1, ArrayIndices::len) };
         let mut job = Job {
+            requeued: BTreeSet::new(),
+            unconfirmed: extra,
+            extra,
             held,
             waiting_on: Vec::new(),
             cursor: 0,
@@ -642,6 +799,14 @@ impl Core {
                 if let Some(running) = self.running.tasks.get(&task) {
                     let nodes = running.allocation.nodes.iter().map(|a| a.node).collect();
                     out.push(Decision::Kill { task, nodes });
+                } else if self.unconfirmed.contains(&task) {
+                    // Killed if an agent confirms it; else it ends as deleted.
+                    out.push(Decision::Kill { task, nodes: Vec::new() });
+                } else if self.jobs[&seq].requeued.contains(&Some(i)) {
+                    self.jobs.get_mut(&seq).expect("present").requeued.remove(&Some(i));
+                    self.update_queue(seq);
+                    out.push(Decision::End { seq, index: Some(i), reason: EndReason::Cancelled });
+                    self.tasks_ended(seq, 1, Some(i), false, out);
                 } else if self.is_unstarted(seq, i) {
                     let job = self.jobs.get_mut(&seq).expect("present");
                     job.skipped.insert(i);
@@ -656,6 +821,11 @@ impl Core {
                     let nodes = running.allocation.nodes.iter().map(|a| a.node).collect();
                     out.push(Decision::Kill { task, nodes });
                 }
+                let first = TaskId { seq, index: None };
+                let last = TaskId { seq, index: Some(u32::MAX) };
+                for &task in self.unconfirmed.range(first..=last) {
+                    out.push(Decision::Kill { task, nodes: Vec::new() });
+                }
                 self.end_unstarted(seq, EndReason::Cancelled, out);
             }
         }
@@ -667,6 +837,7 @@ impl Core {
         let remaining = job.unstarted() - job.skipped.len() as u64;
         job.cursor = job.total;
         job.skipped.clear();
+        job.requeued.clear();
         self.update_queue(seq);
         if remaining == 0 {
             return;
@@ -740,8 +911,15 @@ impl Core {
         }
     }
 
-    /// Takes a task out of the running set and returns its resources.
+    /// Takes a task out of the running set and returns its resources (or
+    /// out of the unconfirmed ones).
     fn stop_task(&mut self, task: TaskId) -> bool {
+        if self.unconfirmed.remove(&task) {
+            if let Some(job) = self.jobs.get_mut(&task.seq) {
+                job.unconfirmed -= 1;
+            }
+            return true;
+        }
         let Some(running) = self.running.remove(&task) else { return false };
         self.nodes.release(&running.allocation);
         self.table.give_back(task, running.expected_end, &running.allocation);
@@ -753,6 +931,57 @@ impl Core {
             self.remove_if_drained(a.node);
         }
         true
+    }
+
+    /// [`Event::Requeue`].
+    fn requeue(&mut self, task: TaskId) {
+        if !self.stop_task(task) {
+            return;
+        }
+        if let Some(job) = self.jobs.get_mut(&task.seq) {
+            job.requeued.insert(task.index);
+        }
+        self.update_queue_aged(task.seq, true);
+    }
+
+    /// [`Event::Adopt`]; the error says why a task is not adopted.
+    fn adopt(&mut self, node: NodeId, adopted: Adopted) -> Result<(), String> {
+        let task = adopted.task;
+        if !self.adoptable(task) {
+            return Err("neither unconfirmed nor waiting to start".into());
+        }
+        let mem = self.jobs.get(&task.seq).map_or(0, |j| j.request.resources.mem);
+        let allocation = self
+            .nodes
+            .allocation_of(node, &adopted.pus, mem, &adopted.gpus)
+            .ok_or_else(|| format!("node {} or its PUs {:?} are unknown", node.0, adopted.pus))?;
+        self.nodes.take(&allocation)?;
+        let job = self.jobs.get_mut(&task.seq).expect("adoptable tasks have a job");
+        if self.unconfirmed.remove(&task) {
+            job.unconfirmed -= 1;
+        } else if job.requeued.remove(&task.index) {
+            // Started again where it ran.
+        } else if let Some(i) = task.index {
+            let array = job.request.array.as_ref().expect("an array task");
+            if position_of(array, i) == job.cursor {
+                job.advance();
+            } else {
+                // Out of order: passed over like a cancelled task, but it
+                // runs rather than ended.
+                job.skipped.insert(i);
+            }
+        } else {
+            job.advance();
+        }
+        let cores: u64 = allocation.nodes.iter().map(|a| a.cores.len() as u64).sum();
+        let expected_end = self.now.saturating_add(job.walltime(&self.config));
+        job.running += 1;
+        let user = job.request.user;
+        self.fair_share.change_running(user, cores as i64, self.now);
+        self.table.take(task, expected_end, &allocation);
+        self.running.insert(task, RunningTask { allocation, user, cores, expected_end });
+        self.update_queue(task.seq);
+        Ok(())
     }
 
     fn task_finished(&mut self, task: TaskId, success: bool, out: &mut Vec<Decision>) {

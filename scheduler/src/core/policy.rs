@@ -120,6 +120,15 @@ pub struct CoreConfig {
     /// Most queued jobs examined for backfill in one pass, after the job that
     /// holds the reservation (Slurm `bf_max_job_test`).
     pub backfill_depth: usize,
+    /// How many times a rerunnable task is queued again after the node it
+    /// ran on was lost (default 3): the next loss fails it. Read by the
+    /// server, which decides each lost task's fate.
+    pub node_loss_retries: u32,
+    /// How long the server waits for a word from an agent (a report or a
+    /// heartbeat) before it counts the node as lost, and how long after a
+    /// restart it waits for agents to confirm the tasks the journal shows
+    /// running. Read by the server.
+    pub node_timeout: Millis,
 }
 
 /// One hour in milliseconds.
@@ -138,6 +147,8 @@ impl Default for CoreConfig {
             size_reference_walltime: DAY,
             recompute_interval: 60_000,
             backfill_depth: 10_000,
+            node_loss_retries: 3,
+            node_timeout: 10_000,
         }
     }
 }

@@ -61,8 +61,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use picloud_proto::{
-    AgentMsg, ClientRequest, Dependency, ErrorKind, JobDefinition, JobRef, JobSpec, NodeInfo, ProtoError,
-    RefOutcome, ServerReply, StartTask, TaskEnd, ToAgent,
+    AgentMsg, ClientRequest, Dependency, ErrorKind, JobDefinition, JobRef, JobSpec, ProtoError, RefOutcome,
+    ServerReply, StartTask, TaskEnd, TaskRunning, ToAgent,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -72,8 +72,9 @@ use super::jobs::{JobRecord, JobTable};
 use super::journal::{self, Journal, JournalError, SyncTicket, Syncer};
 use super::snapshot::{NodeMap, NodeView, ServerFacts, Snapshot, Snapshots, View};
 use super::{Caller, ConnId, Inbound, Outbound, ServerConfig};
-use crate::core::{Core, Decision, Event, NodeId, Phase, Request};
+use crate::core::{Core, Decision, Event, NodeId, NodeShape, Phase, Request};
 
+mod nodes;
 mod restore;
 
 /// A batch whose output the syncer released: (its number, the last
@@ -105,6 +106,11 @@ struct AgentLink {
     conn: Option<ConnId>,
     /// Tasks started this batch, sent as one `Start` at its end.
     pending_starts: Vec<StartTask>,
+    /// When the agent was last heard from (any message).
+    last_heard: Instant,
+    /// The node's shape while its agent has not yet reported what it runs
+    /// (`AgentMsg::Running`): the core knows the node only after that.
+    joining: Option<NodeShape>,
 }
 
 /// A client waiting for jobs to end.
@@ -120,6 +126,8 @@ struct Waiter {
 struct OutBuf {
     bytes: Vec<u8>,
     answers: u32,
+    /// Close the connection once they are written.
+    close: bool,
 }
 
 /// Sends [`Outbound::Stopped`] when the core thread ends, however it ends
@@ -187,6 +195,12 @@ pub struct CoreLoop {
     journal_full: bool,
     /// Why the core thread stopped, if the journal failed.
     failed: Option<JournalError>,
+    /// Node numbers by host name: an agent of a known host gets its number
+    /// back.
+    names: HashMap<String, NodeId>,
+    /// After a restart, until when agents may confirm the tasks that the
+    /// journal shows running (`nodes.rs`).
+    grace_until: Option<Instant>,
     /// The thread that syncs the journal and then releases each batch's
     /// output (with `--fsync always`).
     syncer: Option<Syncer>,
@@ -252,6 +266,8 @@ impl CoreLoop {
             snapshotting: None,
             journal_full: false,
             failed: None,
+            names: HashMap::new(),
+            grace_until: None,
             syncer: None,
             batch_no: 0,
             synced: crossbeam_channel::unbounded(),
@@ -343,6 +359,9 @@ impl CoreLoop {
         for d in self.waiters.iter().filter_map(|w| w.deadline) {
             t = t.min(d);
         }
+        if let Some(d) = self.next_node_deadline() {
+            t = t.min(d);
+        }
         t
     }
 
@@ -364,6 +383,7 @@ impl CoreLoop {
     /// Steps 3 to 8.
     fn end_batch(&mut self) {
         self.take_synced();
+        self.check_nodes();
         self.refresh_phases();
         self.tick();
         self.flush_starts();
@@ -404,7 +424,13 @@ impl CoreLoop {
             if self.agent_conns.contains_key(&conn) {
                 self.pending_agents.insert(conn, batch);
             }
-            msgs.push(Outbound::Send { conn, bytes: buf.bytes, answers: buf.answers, version });
+            msgs.push(Outbound::Send {
+                conn,
+                bytes: buf.bytes,
+                answers: buf.answers,
+                version,
+                close: buf.close,
+            });
         }
         let (snapshots, out, wake) = (self.snapshots.clone(), self.out.clone(), self.wake.clone());
         let (synced, seq) = (self.synced.0.clone(), self.next_seq - 1);
@@ -453,7 +479,8 @@ impl CoreLoop {
             debug_assert_eq!(buf.answers, 0, "agents get no replies");
             // Version 0: agents read no snapshots, and a version not yet
             // published must not raise the I/O thread's floor.
-            let msg = Outbound::Send { conn: *conn, bytes: buf.bytes, answers: 0, version: 0 };
+            let msg =
+                Outbound::Send { conn: *conn, bytes: buf.bytes, answers: 0, version: 0, close: buf.close };
             if self.out.send(msg).is_err() {
                 self.stopping = true;
             }
@@ -590,7 +617,8 @@ impl CoreLoop {
         let (next_seq, next_node, nodes) = (self.next_seq, self.next_node, self.saved_nodes());
         let jobs = self.jobs.map().clone();
         let write = move || {
-            let state = durable::SavedStateRef { next_seq, next_node, nodes, jobs: &jobs };
+            let reruns = durable::reruns_of(&jobs);
+            let state = durable::SavedStateRef { next_seq, next_node, nodes, jobs: &jobs, reruns };
             let bytes = journal::write_snapshot(&dir, n, fsync, |w| bincode::serialize_into(w, &state))?;
             journal::prune(&dir, keep_from)?;
             Ok(bytes)
@@ -620,6 +648,11 @@ impl CoreLoop {
     }
 
     // ---- output
+
+    /// Closes an agent's connection once its output is written.
+    fn close(&mut self, conn: ConnId) {
+        self.outbox.entry(conn).or_default().close = true;
+    }
 
     fn send<T: Serialize>(&mut self, conn: ConnId, msg: &T) {
         picloud_proto::frame::encode_into(msg, &mut self.outbox.entry(conn).or_default().bytes);
@@ -676,7 +709,13 @@ impl CoreLoop {
             return;
         }
         for (conn, buf) in self.outbox.drain() {
-            let msg = Outbound::Send { conn, bytes: buf.bytes, answers: buf.answers, version: self.version };
+            let msg = Outbound::Send {
+                conn,
+                bytes: buf.bytes,
+                answers: buf.answers,
+                version: self.version,
+                close: buf.close,
+            };
             if self.out.send(msg).is_err() {
                 // The I/O side is gone; there is nobody left to tell.
                 self.stopping = true;
@@ -857,26 +896,10 @@ impl CoreLoop {
         self.nodes.get_mut(&node).map(Arc::make_mut)
     }
 
-    fn agent_joined(&mut self, conn: ConnId, info: NodeInfo) {
-        let node = NodeId(self.next_node);
-        self.next_node += 1;
-        info!(node = %info.hostname, cores = info.cores.len(), "agent joined");
-        let shape = crate::core::NodeShape::from_info(&info);
-        let view = NodeView {
-            name: info.hostname.clone(),
-            info: Arc::new(info),
-            up: true,
-            running: imbl::OrdSet::new(),
-        };
-        self.journal_only(&LiveChange::NodeJoined { node, name: view.name.clone() });
-        self.nodes.insert(node, Arc::new(view));
-        self.nodes_changed = true;
-        self.links.insert(node, AgentLink { conn: Some(conn), pending_starts: Vec::new() });
-        self.agent_conns.insert(conn, node);
-        self.apply(Event::NodeJoined { node, shape });
-    }
-
     fn on_agent(&mut self, node: NodeId, msg: AgentMsg) {
+        if let Some(link) = self.links.get_mut(&node) {
+            link.last_heard = Instant::now();
+        }
         if let AgentMsg::Finished(ends) = &msg {
             // Reports cannot be refused: they take from the room that
             // requests leave free.
@@ -886,24 +909,36 @@ impl CoreLoop {
             }
         }
         match msg {
-            AgentMsg::Started(_) => {}
+            AgentMsg::Started(_) | AgentMsg::Heartbeat => {}
             AgentMsg::Finished(ends) => {
                 for end in ends {
                     self.task_finished(node, &end);
                 }
             }
+            AgentMsg::Running(tasks) => self.reconcile(node, tasks),
         }
     }
 
     fn task_finished(&mut self, node: NodeId, end: &TaskEnd) {
-        if self.nodes.get(&node).is_some_and(|n| n.running.contains(&end.task)) {
-            if let Some(n) = self.node_mut(node) {
-                n.running.remove(&end.task);
+        let task = end.task;
+        let Some(job) = self.jobs.get(task.seq) else { return };
+        let here = job.tasks.get(&task.index).is_some_and(|t| !t.is_finished() && t.node == Some(node));
+        if !here {
+            // Not running here as far as the table knows: a report the
+            // agent kept while the server was away. It is taken if the task
+            // is still waiting to start (its start was not on disk when the
+            // server died, or it was queued again after its node was lost).
+            if job.is_running(task.index) || !self.core.adoptable(task) {
+                debug!(?task, "ignoring the end of a task that does not run there");
+                return;
+            }
+            self.adopt(node, &TaskRunning { task, cpus: Vec::new(), gpus: Vec::new() });
+            if !self.core.is_running(task) {
+                return;
             }
         }
-        let task = end.task;
-        if !self.jobs.get(task.seq).is_some_and(|j| j.is_running(task.index)) {
-            return;
+        if let Some(n) = self.node_mut(node) {
+            n.running.remove(&task);
         }
         let Some(success) = self.record(LiveChange::Finished { end, time: unix_now() }) else { return };
         self.ended_since_check = true;
@@ -916,16 +951,10 @@ impl CoreLoop {
         self.waiters.retain(|w| w.conn != conn);
         self.outbox.remove(&conn);
         let Some(node) = self.agent_conns.remove(&conn) else { return };
-        if let Some(link) = self.links.get_mut(&node) {
-            link.conn = None;
-            link.pending_starts.clear();
-        }
-        if let Some(n) = self.node_mut(node) {
+        if let Some(n) = self.nodes.get(&node) {
             warn!(node = %n.name, "agent disconnected");
-            n.up = false;
-            n.running = imbl::OrdSet::new();
         }
-        self.apply(Event::NodeLost(node));
+        self.node_down(node);
     }
 
     // ---- the core and its decisions

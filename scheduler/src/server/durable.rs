@@ -217,6 +217,30 @@ pub(crate) struct SavedStateRef<'a> {
     pub(crate) nodes: Vec<(NodeId, String)>,
     /// Every job.
     pub(crate) jobs: &'a JobMap,
+    /// Node-loss reruns of tasks (`JobRecord::reruns`): (job, task, count).
+    /// Since format version 2.
+    pub(crate) reruns: Vec<(u64, Option<u32>, u32)>,
+}
+
+/// The reruns of every job of `jobs`, as a snapshot saves them.
+pub(crate) fn reruns_of(jobs: &JobMap) -> Vec<(u64, Option<u32>, u32)> {
+    jobs.values()
+        .filter(|j| !j.reruns.is_empty())
+        .flat_map(|j| j.reruns.iter().map(move |(&i, &n)| (j.seq, i, n)))
+        .collect()
+}
+
+/// The snapshot's payload as read back (format version 1: without reruns).
+#[derive(Debug, Deserialize)]
+pub(crate) struct SavedStateV1 {
+    /// The next sequence number to give.
+    pub(crate) next_seq: u64,
+    /// The next node number to give.
+    pub(crate) next_node: u32,
+    /// Names of the nodes that tasks in `jobs` ran on.
+    pub(crate) nodes: Vec<(NodeId, String)>,
+    /// Every job.
+    pub(crate) jobs: JobMap,
 }
 
 /// The snapshot's payload as read back.
@@ -230,6 +254,8 @@ pub(crate) struct SavedState {
     pub(crate) nodes: Vec<(NodeId, String)>,
     /// Every job.
     pub(crate) jobs: JobMap,
+    /// Node-loss reruns of tasks: (job, task, count).
+    pub(crate) reruns: Vec<(u64, Option<u32>, u32)>,
 }
 
 /// The job table and counters rebuilt from a snapshot and the journal.
@@ -248,17 +274,37 @@ pub(crate) struct Replayed {
 pub(crate) fn replay(recovered: &Recovered) -> Result<Replayed, JournalError> {
     let mut out = Replayed { next_seq: 1, ..Default::default() };
     if let Some((path, payload)) = recovered.snapshot_payload() {
-        let state: SavedState = bincode::deserialize(payload).map_err(|source| JournalError::Decode {
+        let decode_error = |source| JournalError::Decode {
             what: "the snapshot",
             path: path.to_path_buf(),
             offset: 0,
             source,
-        })?;
+        };
+        let state: SavedState = if recovered.snapshot_version() == Some(1) {
+            let v1: SavedStateV1 = bincode::deserialize(payload).map_err(decode_error)?;
+            SavedState {
+                next_seq: v1.next_seq,
+                next_node: v1.next_node,
+                nodes: v1.nodes,
+                jobs: v1.jobs,
+                reruns: Vec::new(),
+            }
+        } else {
+            bincode::deserialize(payload).map_err(decode_error)?
+        };
+        let mut reruns: std::collections::HashMap<u64, Vec<(Option<u32>, u32)>> = Default::default();
+        for (seq, index, n) in state.reruns {
+            reruns.entry(seq).or_default().push((index, n));
+        }
         out.next_seq = state.next_seq;
         out.next_node = state.next_node;
         out.nodes.extend(state.nodes);
         for job in state.jobs.values() {
-            out.jobs.restore(job.clone());
+            let mut job = job.clone();
+            if let Some(r) = reruns.remove(&job.seq) {
+                Arc::make_mut(&mut job).reruns = r.into_iter().collect();
+            }
+            out.jobs.restore(job);
         }
     }
     for (path, bytes, records) in &recovered.segments {

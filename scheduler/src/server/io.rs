@@ -327,11 +327,12 @@ impl IoLoop {
         let mut freed = Vec::new();
         let stopped = loop {
             match self.from_core.try_recv() {
-                Ok(Outbound::Send { conn, bytes, answers, version }) => {
+                Ok(Outbound::Send { conn, bytes, answers, version, close }) => {
                     self.floor = self.floor.max(version);
                     let token = Token(conn.0);
                     let Some(c) = self.conns.get_mut(&token) else { continue };
                     c.push_bytes(bytes);
+                    c.closing |= close;
                     if answers > 0 {
                         c.in_flight = false;
                         freed.push(token);

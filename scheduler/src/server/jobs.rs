@@ -108,6 +108,12 @@ pub(crate) struct JobRecord {
     pub(crate) running: u64,
     /// When the last task ended (Unix seconds).
     pub(crate) finished_at: Option<u64>,
+    /// Tasks queued again after their node was lost (or no agent confirmed
+    /// them after a restart), with how many times. Saved in snapshots apart
+    /// from the records (`durable::SavedState::reruns`), so that snapshots
+    /// of format 1, which have none, still read.
+    #[serde(skip)]
+    pub(crate) reruns: imbl::OrdMap<Option<u32>, u32>,
 }
 
 impl JobRecord {
@@ -136,6 +142,7 @@ impl JobRecord {
             ended: 0,
             running: 0,
             finished_at: None,
+            reruns: imbl::OrdMap::new(),
         }
     }
 
@@ -186,7 +193,19 @@ impl JobRecord {
         if self.is_running(index) {
             self.tasks.remove(&index);
             self.running -= 1;
+            *self.reruns.entry(index).or_insert(0) += 1;
         }
+    }
+
+    /// How many times task `index` was queued again after a node loss.
+    pub(crate) fn reruns_of(&self, index: Option<u32>) -> u32 {
+        self.reruns.get(&index).copied().unwrap_or(0)
+    }
+
+    /// `run_count` of a task: its starts (see [`JobInfo::run_count`]).
+    fn run_count(&self, index: Option<u32>, rec: Option<&TaskRecord>) -> u32 {
+        let started = rec.is_some_and(|t| t.stime.is_some());
+        self.reruns_of(index) + u32::from(started)
     }
 
     /// Records that a kill was sent for task `index` on behalf of `by`.
@@ -235,7 +254,16 @@ impl JobRecord {
                 (EXIT_NEVER_RAN, format!("Job not run: dependency {why}"))
             }
             EndReason::NodeLost => {
-                (EXIT_NEVER_RAN, format!("Job failed: node {node_name} was lost while it ran"))
+                let runs = self.reruns_of(index) + 1;
+                let comment = if self.spec.rerunnable && runs > 1 {
+                    format!(
+                        "Job failed: node {node_name} was lost while it ran; it ran {runs} times, each on a node that \
+                         was lost, and is not retried again (node-loss retry limit reached)"
+                    )
+                } else {
+                    format!("Job failed: node {node_name} was lost while it ran")
+                };
+                (EXIT_NEVER_RAN, comment)
             }
         };
         match (index, self.is_array()) {
@@ -393,6 +421,7 @@ impl JobRecord {
             stdout_path: out,
             stderr_path: err,
             array_counts: None,
+            run_count: 0,
         };
         if self.is_array() {
             info.array_counts = Some(ArrayCounts {
@@ -425,6 +454,11 @@ impl JobRecord {
         } else if let Some(t) = self.tasks.get(&None) {
             fill_task(&mut info, t, node_name);
         }
+        info.run_count = if self.is_array() {
+            self.reruns.values().sum()
+        } else {
+            self.run_count(None, self.tasks.get(&None).map(|t| &**t))
+        };
         info
     }
 
@@ -442,9 +476,11 @@ impl JobRecord {
         info.used = ResourcesUsed::default();
         (info.stdout_path, info.stderr_path) = self.output_paths(Some(i));
         info.state = self.queued_state();
-        if let Some(t) = self.task_record(i) {
+        let rec = self.task_record(i);
+        if let Some(t) = rec {
             fill_task(&mut info, t, node_name);
         }
+        info.run_count = self.run_count(Some(i), rec);
         info
     }
 

@@ -80,7 +80,10 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 
 /// Format version of segments and snapshots written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2: snapshots end with the node-loss reruns of tasks; segments record a
+/// rerun with each `Requeued`. Version 1 files are read.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Magic of a segment file.
 const SEGMENT_MAGIC: [u8; 8] = *b"PICLJRNL";
@@ -642,6 +645,11 @@ impl Recovered {
     /// The snapshot's payload, if there is a snapshot.
     pub(crate) fn snapshot_payload(&self) -> Option<(&Path, &[u8])> {
         self.snapshot.as_ref().map(|(p, b, r)| (p.as_path(), &b[r.clone()]))
+    }
+
+    /// The snapshot's format version (from its header, checked at open).
+    pub(crate) fn snapshot_version(&self) -> Option<u32> {
+        self.snapshot.as_ref().map(|(_, b, _)| u32_at(b, 8))
     }
 }
 

@@ -208,6 +208,9 @@ pub enum Outbound {
         answers: u32,
         /// The snapshot version published before these frames were sent.
         version: u64,
+        /// Close the connection once these frames are written (an agent
+        /// the core thread counts as lost).
+        close: bool,
     },
     /// The core thread has ended; nothing more will come from it.
     Stopped,

@@ -45,7 +45,8 @@ pub(crate) fn run(
                 .answer_as(&q.request, q.uid)
                 .unwrap_or_else(|| ServerReply::Error(ProtoError::new(ErrorKind::Invalid, "not a query")));
             let bytes = picloud_proto::frame::encode(&reply);
-            let msg = Outbound::Send { conn: q.conn, bytes, answers: 1, version: snap.version() };
+            let msg =
+                Outbound::Send { conn: q.conn, bytes, answers: 1, version: snap.version(), close: false };
             if out.send(msg).is_err() {
                 return;
             }

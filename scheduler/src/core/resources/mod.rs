@@ -415,6 +415,66 @@ impl Resources {
         }
     }
 
+    /// Takes exactly the resources of `alloc` (the inverse of
+    /// [`Resources::release`]), for a task already running that the
+    /// scheduler adopts. All or nothing: if a node is unknown or a resource
+    /// is not free, nothing changes and the error says what.
+    pub fn take(&mut self, alloc: &Allocation) -> Result<(), String> {
+        for a in &alloc.nodes {
+            let slot = self.slot(a.node).ok_or_else(|| format!("node {} is not known", a.node.0))?;
+            let mut probe = self.node(slot).clone();
+            probe.take(a)?;
+        }
+        for a in &alloc.nodes {
+            let slot = self.slot(a.node).expect("checked above");
+            let node = self.slots[slot as usize].as_mut().expect("indexed slot holds a node");
+            let before = node.free_cores;
+            node.take(a).expect("checked above");
+            self.free_cores -= u64::from(before - node.free_cores);
+            self.reindex(slot, true);
+        }
+        Ok(())
+    }
+
+    /// The allocation of a task pinned to `pus` of node `id` with `mem`
+    /// bytes and `gpus`: the cores holding those PUs, and the memory on
+    /// their NUMA nodes (first the first core's, then the others', as much as
+    /// each has free). `None` if the node is unknown or a PU is not one of
+    /// its PUs.
+    pub fn allocation_of(&self, id: NodeId, pus: &[u32], mem: u64, gpus: &[u32]) -> Option<Allocation> {
+        let slot = self.slot(id)?;
+        let node = self.node(slot);
+        let shape = self.shape(id)?;
+        let mut cores = Vec::new();
+        for &pu in pus {
+            let c = shape.core_pus.iter().position(|p| p.contains(&pu))? as u32;
+            if !cores.contains(&c) {
+                cores.push(c);
+            }
+        }
+        cores.sort_unstable();
+        let mut doms: Vec<usize> = cores.iter().map(|&c| node.layout.core_dom[c as usize] as usize).collect();
+        doms.dedup();
+        doms.extend((0..node.layout.ndom()).filter(|d| !doms.contains(d)).collect::<Vec<_>>());
+        let mut left = mem;
+        let mut mem_of = Vec::new();
+        for d in doms {
+            if left == 0 {
+                break;
+            }
+            let part = left.min(node.dom_mem[d]);
+            if part > 0 {
+                mem_of.push((d, part));
+                left -= part;
+            }
+        }
+        mem_of.sort_unstable();
+        let os_of = |d: usize| shape.numa.get(d).map_or(0, |n| n.0);
+        let mem = mem_of.into_iter().map(|(d, b)| (os_of(d), b)).collect();
+        let pus = cores.iter().flat_map(|&c| shape.core_pus[c as usize].iter().copied()).collect();
+        Some(Allocation { nodes: vec![NodeAllocation { node: id, cores, pus, mem, gpus: gpus.to_vec() }] })
+    }
+
     /// `(free cores, free memory, free GPUs)` of a node.
     pub fn node_free(&self, id: NodeId) -> Option<(u32, u64, u32)> {
         let slot = self.slot(id)?;

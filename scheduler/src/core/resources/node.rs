@@ -489,6 +489,46 @@ impl NodeState {
         Ok(())
     }
 
+    /// Takes exactly the resources of `a` (the inverse of
+    /// [`NodeState::release`]), for a task that is already running, e.g. one
+    /// an agent reports after a restart of the server. If any of them is not
+    /// free (a core in use, more memory than is free on a NUMA node, a GPU in
+    /// use), nothing changes and the error says what.
+    pub(super) fn take(&mut self, a: &NodeAllocation) -> Result<(), String> {
+        for &c in &a.cores {
+            if c >= self.layout.ncores || self.free[(c / 64) as usize] >> (c % 64) & 1 == 0 {
+                return Err(format!("core {c} is not free"));
+            }
+        }
+        let mut want = vec![0u64; self.dom_mem.len()];
+        for &(os, bytes) in &a.mem {
+            let d = self.layout.dom_of_os(os).ok_or_else(|| format!("no NUMA node {os}"))?;
+            want[d] += bytes;
+        }
+        if let Some(d) = want.iter().zip(&self.dom_mem).position(|(w, free)| w > free) {
+            return Err(format!("{} bytes are not free on NUMA domain {d}", want[d]));
+        }
+        for &g in &a.gpus {
+            if g >= self.layout.ngpus || !self.gpu_is_free(g) {
+                return Err(format!("GPU {g} is not free"));
+            }
+        }
+        for &c in &a.cores {
+            self.retake_core(c);
+        }
+        self.free_cores -= a.cores.len() as u32;
+        for (d, w) in want.into_iter().enumerate() {
+            self.dom_mem[d] -= w;
+            self.free_mem -= w;
+        }
+        for &g in &a.gpus {
+            self.gpu_free[(g / 64) as usize] &= !(1 << (g % 64));
+            self.free_gpus -= 1;
+        }
+        self.summarize();
+        Ok(())
+    }
+
     /// Undoes a partial [`NodeState::release`]: all of `a`'s cores, its first
     /// `mem` memory entries and its first `gpus` GPUs.
     #[cold]

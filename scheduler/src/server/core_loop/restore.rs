@@ -2,30 +2,29 @@
 //! that the snapshot and the journal gave back (`durable.rs`):
 //!
 //! 1. the table, the next sequence number and the next node number are
-//!    taken over as they were;
+//!    taken over as they were, and the host names of the nodes (an agent
+//!    that joins again gets its number back);
 //! 2. nodes that tasks in the table ran on come back as nodes that are
-//!    down, so that `qstat -f` still names them;
-//! 3. every task the table says was running gets its fate from
-//!    [`fate_of_running`], the one place that decides it, and the decision
-//!    is recorded like any other change;
+//!    down, so that `qstat -f` still names them, with the tasks the table
+//!    says run there;
+//! 3. every task the table says was running stays so, *unconfirmed*: its
+//!    agent keeps running it while the server is away and reports it when
+//!    it reconnects (`nodes.rs`); those no agent reports within the node
+//!    timeout get their fate from [`fate_of_running`], the one place that
+//!    decides it, and the decision is recorded like any other change;
 //! 4. the scheduling core is rebuilt in sequence order (so that every job
 //!    comes after the jobs it depends on): finished jobs by their outcome,
-//!    unfinished ones as a submission of the tasks still to start, held as
-//!    they were, waiting only on dependencies not yet met;
+//!    unfinished ones as a submission of the tasks still to start plus
+//!    their unconfirmed tasks, held as they were, waiting only on
+//!    dependencies not yet met;
 //! 5. whatever the core decides at once (a dependency that can never be met
 //!    now) is carried out, and the first batch records, publishes and
 //!    sends it all.
-//!
-//! Agents do not reconnect to a restarted server yet, so no task is known to
-//! be running any more: a rerunnable task is queued again, another fails as
-//! its node was lost. When agents report what they run after a reconnection,
-//! [`fate_of_running`] is where a task they confirm keeps running (the task
-//! records stay in the table until then).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use picloud_proto::{ArrayIndices, EXIT_CANCELLED, JobRef, NodeInfo, TaskEnd, TaskId};
+use picloud_proto::{ArrayIndices, JobRef, NodeInfo, TaskId};
 use tracing::{info, warn};
 
 use super::{CoreLoop, LiveChange, request_of, unix_now};
@@ -46,14 +45,21 @@ pub(crate) enum RunningFate {
     Cancelled,
 }
 
-/// Decides what becomes of a task that was running when the server
-/// stopped (see the module doc): one that was being killed ends as
-/// deleted; one of a rerunnable job (`qsub -r y`, the default) whose array
-/// is not ending is queued again; any other fails with its node lost.
-pub(crate) fn fate_of_running(job: &JobRecord, task: &TaskRecord) -> RunningFate {
+/// Decides what becomes of a task that ran on a node that was lost, or
+/// that no agent confirmed after a restart (see the module doc): one that
+/// was being killed ends as deleted; one of a rerunnable job (`qsub -r y`,
+/// the default, and every Python task) whose array is not ending is queued
+/// again, unless it was queued again `retries` times already; any other
+/// fails with its node lost.
+pub(crate) fn fate_of_running(
+    job: &JobRecord,
+    index: Option<u32>,
+    task: &TaskRecord,
+    retries: u32,
+) -> RunningFate {
     if task.cancelled_by.is_some() {
         RunningFate::Cancelled
-    } else if job.spec.rerunnable && job.rest_ended.is_none() {
+    } else if job.spec.rerunnable && job.rest_ended.is_none() && job.reruns_of(index) < retries {
         RunningFate::Requeue
     } else {
         RunningFate::Lost
@@ -66,78 +72,40 @@ impl CoreLoop {
         self.jobs = replayed.jobs;
         self.next_seq = self.next_seq.max(replayed.next_seq);
         self.next_node = self.next_node.max(replayed.next_node);
+        for (&node, name) in &replayed.nodes {
+            self.names.insert(name.clone(), node);
+        }
         self.restore_nodes(&replayed.nodes);
-        self.settle_running();
         self.rebuild_core();
+        let unconfirmed = self.core.unconfirmed().count();
+        if unconfirmed > 0 {
+            info!(
+                tasks = unconfirmed,
+                "tasks ran when the server stopped: waiting for their agents to report them"
+            );
+            self.grace_until = Some(std::time::Instant::now() + self.node_timeout());
+        }
     }
 
     /// Step 2.
     fn restore_nodes(&mut self, names: &std::collections::BTreeMap<NodeId, String>) {
         let mut used = BTreeSet::new();
+        let mut running: HashMap<NodeId, imbl::OrdSet<TaskId>> = HashMap::new();
         for job in self.jobs.map().values() {
             used.extend(job.tasks.values().filter_map(|t| t.node));
+            for (index, t) in job.running_tasks() {
+                if let Some(node) = t.node {
+                    running.entry(node).or_default().insert(TaskId { seq: job.seq, index });
+                }
+            }
         }
         for node in used {
             let name = names.get(&node).cloned().unwrap_or_else(|| format!("node{}", node.0));
             let info = NodeInfo { hostname: name.clone(), ..Default::default() };
-            let view = NodeView { name, info: Arc::new(info), up: false, running: imbl::OrdSet::new() };
+            let running = running.remove(&node).unwrap_or_default();
+            let view = NodeView { name, info: Arc::new(info), up: false, running };
             self.nodes.insert(node, Arc::new(view));
             self.nodes_changed = true;
-        }
-    }
-
-    /// Step 3.
-    fn settle_running(&mut self) {
-        let running: Vec<(TaskId, RunningFate, Option<NodeId>)> = self
-            .jobs
-            .map()
-            .values()
-            .filter(|j| j.running > 0)
-            .flat_map(|j| {
-                j.running_tasks()
-                    .map(|(index, t)| (TaskId { seq: j.seq, index }, fate_of_running(j, t), t.node))
-            })
-            .collect();
-        let (mut requeued, mut lost) = (0, 0);
-        let now = unix_now();
-        for (task, fate, node) in running {
-            match fate {
-                RunningFate::Requeue => {
-                    requeued += 1;
-                    self.record(LiveChange::Requeued { task });
-                }
-                RunningFate::Lost => {
-                    lost += 1;
-                    let node_name =
-                        node.and_then(|n| self.nodes.get(&n)).map(|n| n.name.clone()).unwrap_or_default();
-                    self.record(LiveChange::Ended {
-                        seq: task.seq,
-                        index: task.index,
-                        reason: SavedEndReason::NodeLost,
-                        by: String::new(),
-                        node_name,
-                        time: now,
-                    });
-                }
-                RunningFate::Cancelled => {
-                    // `finish` reports a task being killed as deleted.
-                    let end = TaskEnd {
-                        task,
-                        exit_status: EXIT_CANCELLED,
-                        comment: None,
-                        used: Default::default(),
-                        outcome: None,
-                    };
-                    self.record(LiveChange::Finished { end: &end, time: now });
-                }
-            }
-        }
-        if requeued + lost > 0 {
-            info!(
-                requeued,
-                failed = lost,
-                "tasks that ran when the server stopped: queued again or failed (not rerunnable)"
-            );
         }
     }
 
@@ -207,7 +175,7 @@ fn succeeded(job: &JobRecord) -> bool {
 }
 
 /// What the core needs of an unfinished job; `None` if no task is left to
-/// start (cannot happen once running tasks are settled).
+/// start or running (cannot happen for an unfinished job).
 fn restored_job(
     job: &JobRecord,
     table: &JobTable,
@@ -229,15 +197,26 @@ fn restored_job(
         }
     });
     request.hold = job.held;
+    let unconfirmed: Vec<Option<u32>> = job.running_tasks().map(|(i, _)| i).collect();
+    let mut nothing_to_start = false;
     request.array = match &job.spec.array {
-        // A plain job's task record means it started (and, settled, ended).
-        None if job.tasks.contains_key(&None) => return Ok(None),
+        // A plain job's task record means it started.
+        None if job.tasks.contains_key(&None) => {
+            nothing_to_start = true;
+            None
+        }
         None => None,
         Some(array) => match to_start(array, job) {
             Some(a) => Some(a),
-            None => return Ok(None),
+            None => {
+                nothing_to_start = true;
+                Some(array.clone())
+            }
         },
     };
+    if nothing_to_start && unconfirmed.is_empty() {
+        return Ok(None);
+    }
     let any_failed = job
         .tasks
         .values()
@@ -249,12 +228,19 @@ fn restored_job(
         .flatten()
         .filter_map(|&i| Some((i, job.tasks.get(&Some(i))?.exit_status? == 0)))
         .collect();
-    Ok(Some(RestoredJob { request, held: job.held, any_failed, task_outcomes }))
+    Ok(Some(RestoredJob {
+        request,
+        held: job.held,
+        any_failed,
+        task_outcomes,
+        unconfirmed,
+        nothing_to_start,
+    }))
 }
 
 /// The indices of an array that have not started: those without a task
-/// record (every record is of an ended task once running ones are settled),
-/// unless the unstarted rest has ended together. Ranges are split around
+/// record (of a task that ended or runs), unless the unstarted rest has
+/// ended together. Ranges are split around
 /// records, so this costs O(records + ranges), not O(indices).
 pub(crate) fn to_start(array: &ArrayIndices, job: &JobRecord) -> Option<ArrayIndices> {
     if job.rest_ended.is_some() {

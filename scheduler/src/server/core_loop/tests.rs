@@ -12,6 +12,8 @@ use picloud_proto::{
     TaskId,
 };
 
+use picloud_proto::NodeInfo;
+
 use super::*;
 
 const CLIENT: ConnId = ConnId(10);
@@ -39,6 +41,11 @@ fn spec(array: Option<&str>) -> JobSpec {
         submit_host: "login".into(),
         ..JobSpec::new("job", JobCommand::Argv(vec!["true".into()]), "/tmp")
     }
+}
+
+/// An agent's handshake and its report of the tasks it runs.
+fn join(conn: ConnId, info: NodeInfo, running: Vec<TaskRunning>) -> Vec<Inbound> {
+    vec![Inbound::AgentJoined { conn, info }, Inbound::Agent { conn, msg: AgentMsg::Running(running) }]
 }
 
 fn node_info(cores: u32) -> NodeInfo {
@@ -72,7 +79,12 @@ fn finished(seq: u64, index: Option<u32>, exit_status: i32) -> TaskEnd {
 #[derive(Debug, Default)]
 struct Sent {
     replies: Vec<(ServerReply, u64)>,
+    /// What every agent was sent.
     to_agent: Vec<ToAgent>,
+    /// The same, with the agent's connection.
+    to_agents: Vec<(ConnId, ToAgent)>,
+    /// Connections closed after their output.
+    closed: Vec<ConnId>,
     stopped: bool,
 }
 
@@ -90,7 +102,7 @@ impl Harness {
 
     fn with_agent(cores: u32) -> Self {
         let mut h = Self::new();
-        h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(cores) }]);
+        h.batch(join(AGENT, node_info(cores), vec![]));
         h
     }
 
@@ -103,17 +115,23 @@ impl Harness {
         let mut sent = Sent::default();
         for msg in self.out.try_iter() {
             match msg {
-                Outbound::Send { conn, bytes, answers, version } => {
+                Outbound::Send { conn, bytes, answers, version, close } => {
+                    // Connections from AGENT on are agents'.
+                    let agent = conn.0 >= AGENT.0;
                     let mut reader = picloud_proto::FrameReader::new();
                     reader.push(&bytes);
                     while let Some(p) = reader.next_payload().unwrap() {
-                        if conn == AGENT {
+                        if agent {
                             sent.to_agent.push(picloud_proto::frame::decode(p).unwrap());
+                            sent.to_agents.push((conn, picloud_proto::frame::decode(p).unwrap()));
                         } else {
                             sent.replies.push((picloud_proto::frame::decode(p).unwrap(), version));
                         }
                     }
-                    let replies = if conn == AGENT { 0 } else { reader_count(&bytes) };
+                    if close {
+                        sent.closed.push(conn);
+                    }
+                    let replies = if agent { 0 } else { reader_count(&bytes) };
                     assert_eq!(answers as usize, replies, "client frames are replies, agent frames are not");
                 }
                 Outbound::Stopped => sent.stopped = true,
@@ -210,7 +228,7 @@ fn a_held_snapshot_does_not_change() {
     let mut h = Harness::new();
     let (seq, _) = h.submit(spec(Some("1-4")));
     let before = h.snapshot();
-    let sent = h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(2) }]);
+    let sent = h.batch(join(AGENT, node_info(2), vec![]));
     assert_eq!(starts(&sent).len(), 2);
     let after = h.snapshot();
     let id = format!("{seq}[].srv");
@@ -285,7 +303,7 @@ fn held_and_dependent_jobs_show_as_held_until_they_may_run() {
 
     // The first job runs and succeeds: the dependent becomes eligible and,
     // with two cores, starts at once.
-    h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(2) }]);
+    h.batch(join(AGENT, node_info(2), vec![]));
     assert_eq!(state_of(&h.snapshot(), &format!("{first}.srv")), JobState::Running);
     let sent = h
         .batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![finished(first, None, 0)]) }]);
@@ -355,7 +373,9 @@ fn stress_read_your_writes() {
     let core = CoreLoop::new(&config(), out, || {});
     let snapshots = core.snapshots();
     let thread = std::thread::spawn(move || core.run(inbox));
-    to_core.send(Inbound::AgentJoined { conn: AGENT, info: node_info(2) }).unwrap();
+    for msg in join(AGENT, node_info(2), vec![]) {
+        to_core.send(msg).unwrap();
+    }
     let mut answered = 0;
     let mut last_version = 0;
     let mut sent = 0;
@@ -449,3 +469,4 @@ fn ngpus_and_place_become_the_core_request() {
 }
 
 mod durability;
+mod faults;

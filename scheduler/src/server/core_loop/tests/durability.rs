@@ -42,14 +42,14 @@ fn report(ends: Vec<TaskEnd>) -> Inbound {
     Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(ends) }
 }
 
-fn joined(cores: u32) -> Inbound {
-    Inbound::AgentJoined { conn: AGENT, info: node_info(cores) }
+fn joined(cores: u32) -> Vec<Inbound> {
+    join(AGENT, node_info(cores), vec![])
 }
 
 /// Builds a history with every kind of change and nothing running at the
 /// end; `snapshot_midway` takes a snapshot in the middle of it.
 fn history(h: &mut Harness, snapshot_midway: bool) {
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     let (p, _) = h.submit(spec(None));
     let mut end = finished(p, None, 0);
     end.outcome = Some(Box::new(outcome("forty-two")));
@@ -100,7 +100,7 @@ fn restart_shows_the_same_jobs(snapshot_midway: bool) {
     h.core.core.sanity_check();
     // The restarted server goes on: a new agent runs the queued jobs; the
     // held job and the one depending on it wait.
-    let sent = h.batch(vec![joined(1)]);
+    let sent = h.batch(joined(1));
     let first = starts(&sent);
     assert_eq!(first.len(), 1);
     let snap = h.snapshot();
@@ -160,7 +160,7 @@ fn python_outcomes_survive_a_restart() {
 fn tasks_running_at_a_crash_are_queued_again_or_failed() {
     let state = tempfile::tempdir().unwrap();
     let mut h = open(state.path());
-    h.batch(vec![joined(4)]);
+    h.batch(joined(4));
     let (r, _) = h.submit(spec(Some("1-3")));
     let (n, _) = h.submit(JobSpec { rerunnable: false, ..spec(None) });
     assert_eq!(h.core.core.running_tasks(), 4);
@@ -169,6 +169,10 @@ fn tasks_running_at_a_crash_are_queued_again_or_failed() {
     drop(h);
 
     let mut h = open(state.path());
+    // No agent reports the tasks within the grace period.
+    assert_eq!(h.core.core.unconfirmed().count(), 3);
+    h.core.grace_until = Some(Instant::now());
+    h.batch(vec![]);
     let snap = h.snapshot();
     let jobs = stat(&snap, true);
     let get = |id: &str| jobs.iter().find(|j| j.id == id).unwrap_or_else(|| panic!("{id}")).clone();
@@ -186,7 +190,7 @@ fn tasks_running_at_a_crash_are_queued_again_or_failed() {
     h.core.core.sanity_check();
 
     // A new agent runs task 3 again, and only it; then the array finishes.
-    let sent = h.batch(vec![joined(4)]);
+    let sent = h.batch(joined(4));
     assert_eq!(starts(&sent), vec![TaskId { seq: r, index: Some(3) }]);
     h.batch(vec![report(vec![finished(r, Some(3), 0)])]);
     assert_eq!(state_of(&h.snapshot(), &format!("{r}[].srv")), JobState::Finished);
@@ -202,7 +206,7 @@ fn tasks_running_at_a_crash_are_queued_again_or_failed() {
 fn dependencies_met_or_failed_before_a_crash_are_honoured_after_it() {
     let state = tempfile::tempdir().unwrap();
     let mut h = open(state.path());
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     let (a, _) = h.submit(spec(Some("1-4")));
     let on_task = |i| Dependency { kind: DependKind::AfterOk, on: JobRef::Task(a, i) };
     let on_array = Dependency { kind: DependKind::AfterNotOk, on: JobRef::Array(a) };
@@ -219,7 +223,7 @@ fn dependencies_met_or_failed_before_a_crash_are_honoured_after_it() {
     let snap = h.snapshot();
     assert_eq!(state_of(&snap, &format!("{t1}.srv")), JobState::Held, "held, its dependency met");
     assert_eq!(state_of(&snap, &format!("{t3}.srv")), JobState::Held, "waits on task 3, queued again");
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     h.batch(vec![report(vec![finished(a, Some(3), 0)])]);
     h.batch(vec![report(vec![finished(a, Some(4), 0)])]);
     // Task 2 failed before the crash: afternotok on the array is met.
@@ -240,7 +244,7 @@ fn a_full_disk_refuses_submissions_and_loses_nothing() {
     let filler = disk.path().join("filler");
     std::fs::write(&filler, vec![1u8; 300 << 10]).unwrap();
     let mut h = open(&state);
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     let big = |k: usize| JobSpec { env: vec![(format!("BIG{k}"), "x".repeat(40 << 10))], ..spec(None) };
     let mut accepted = Vec::new();
     let refusal = loop {
@@ -277,7 +281,7 @@ fn a_full_disk_refuses_submissions_and_loses_nothing() {
 fn agents_hear_of_committed_jobs_before_the_sync_and_of_new_ones_after_it() {
     let state = tempfile::tempdir().unwrap();
     let mut h = open(state.path());
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     let (a, _) = h.submit(spec(Some("1-3")));
     // A batch whose sync fails: the next task of the array (a job on disk
     // already) was handed to the agent before the sync; the new job's
@@ -298,7 +302,7 @@ fn agents_hear_of_committed_jobs_before_the_sync_and_of_new_ones_after_it() {
 fn a_new_job_starts_only_after_its_submission_is_synced() {
     let state = tempfile::tempdir().unwrap();
     let mut h = open(state.path());
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     h.core.journal.as_mut().unwrap().fail_commits = true;
     let sent = h.batch(vec![submit(spec(None))]);
     assert!(starts(&sent).is_empty() && sent.replies.is_empty(), "{sent:?}");
@@ -309,7 +313,7 @@ fn a_new_job_starts_only_after_its_submission_is_synced() {
 fn a_dependency_on_a_task_of_a_failed_array_is_judged_by_that_task() {
     let state = tempfile::tempdir().unwrap();
     let mut h = open(state.path());
-    h.batch(vec![joined(1)]);
+    h.batch(joined(1));
     let (a, _) = h.submit(spec(Some("1-2")));
     let (d, _) = h.submit(JobSpec {
         depend: vec![Dependency { kind: DependKind::AfterOk, on: JobRef::Task(a, 1) }],
@@ -324,6 +328,6 @@ fn a_dependency_on_a_task_of_a_failed_array_is_judged_by_that_task() {
     let mut h = open(state.path());
     assert_eq!(state_of(&h.snapshot(), &format!("{d}.srv")), JobState::Held);
     h.batch(vec![request(ClientRequest::Release(vec![JobRef::Job(d)]))]);
-    let sent = h.batch(vec![joined(1)]);
+    let sent = h.batch(joined(1));
     assert_eq!(starts(&sent), vec![TaskId { seq: d, index: None }]);
 }
