@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "python"))
-from conftest import Cluster  # noqa: E402
+from picloud_cluster import Cluster  # noqa: E402
 
 
 def hog():

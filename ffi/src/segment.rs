@@ -306,20 +306,37 @@ pub unsafe extern "C" fn picloud_segment_create(
         let path = PathBuf::from(path);
         let mapped =
             open(&path, true).and_then(|f| MmapOptions::new().len(len).map_raw(&f).map_err(map_err(&path)));
-        let map = match mapped {
-            Ok(m) => m,
-            Err(e) => {
-                undo_hold(&mut conn, &name);
-                return Err(e);
-            }
-        };
-        drop(conn);
-        let handle =
-            SEGMENTS.insert(picloud_segment { conn: Arc::clone(&a.conn), name, map, writable: true });
-        // SAFETY: checked by check_out; writable by the caller's promise.
-        unsafe { write_out(out, handle) };
-        Ok(())
+        // SAFETY: checked by check_out above; writable by the caller's promise.
+        unsafe { adopt_mapping(&a.conn, conn, name, mapped, true, out) }
     })
+}
+
+/// Ends `picloud_segment_create` and `picloud_segment_map`: the segment named
+/// `name`, which `conn` now holds, becomes a handle written to `*out`; if it
+/// could not be mapped, the hold is given back and the error returned.
+///
+/// # Safety
+/// `out` has passed `check_out` and points to writable memory for a pointer.
+unsafe fn adopt_mapping(
+    shared: &SharedConn,
+    mut conn: std::sync::MutexGuard<'_, AgentConn>,
+    name: String,
+    mapped: Result<MmapRaw, FfiError>,
+    writable: bool,
+    out: *mut *mut picloud_segment,
+) -> Result<(), FfiError> {
+    let map = match mapped {
+        Ok(m) => m,
+        Err(e) => {
+            undo_hold(&mut conn, &name);
+            return Err(e);
+        }
+    };
+    drop(conn);
+    let handle = SEGMENTS.insert(picloud_segment { conn: Arc::clone(shared), name, map, writable });
+    // SAFETY: the caller's promise.
+    unsafe { write_out(out, handle) };
+    Ok(())
 }
 
 /// Whether `name` can be a segment's file name in the segment directory.
@@ -367,19 +384,8 @@ pub unsafe extern "C" fn picloud_segment_map(
             }
             MmapOptions::new().len(len).map_raw_read_only(&f).map_err(map_err(&path))
         });
-        let map = match mapped {
-            Ok(m) => m,
-            Err(e) => {
-                undo_hold(&mut conn, &name);
-                return Err(e);
-            }
-        };
-        drop(conn);
-        let handle =
-            SEGMENTS.insert(picloud_segment { conn: Arc::clone(&a.conn), name, map, writable: false });
-        // SAFETY: checked by check_out; writable by the caller's promise.
-        unsafe { write_out(out, handle) };
-        Ok(())
+        // SAFETY: checked by check_out above; writable by the caller's promise.
+        unsafe { adopt_mapping(&a.conn, conn, name, mapped, false, out) }
     })
 }
 

@@ -202,7 +202,7 @@ class _Options:
         if depends is not None:
             if isinstance(depends, int):
                 depends = [depends]
-            seqs = sorted({Jid.seq.fget(int(j)) if not isinstance(j, Jid) else j.seq for j in depends})
+            seqs = sorted({_jid(j).seq for j in depends})
             arr = ffi.new("uint64_t[]", seqs)
             self.keep.append(arr)
             o.depend_on, o.depend_len = arr, len(seqs)
@@ -352,19 +352,20 @@ def _remember(s, seq, names, segments):
 # Waiting and results
 
 
-def _as_list(jids):
-    if isinstance(jids, int):
-        return [jids], True
-    return [j if isinstance(j, Jid) else Jid(int(j) >> 32, None) if int(j) & 0xFFFFFFFF == 0
-            else Jid(int(j) >> 32, (int(j) & 0xFFFFFFFF) - 1) for j in jids], False
-
-
 def _jid(j):
+    """``j`` as a :class:`Jid` (PiCloud scripts may hand back plain ints)."""
     if isinstance(j, Jid):
         return j
     j = int(j)
     low = j & 0xFFFFFFFF
     return Jid(j >> 32, None if low == 0 else low - 1)
+
+
+def _as_list(jids):
+    """The jids as a list, and whether one jid (not a list) was given."""
+    if isinstance(jids, int):
+        return [_jid(jids)], True
+    return [_jid(j) for j in jids], False
 
 
 def _wait(s, seqs, timeout, mode=None):

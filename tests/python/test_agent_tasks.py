@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AgentClient, _payload, _wire
+from picloud_cluster import AgentClient, _payload, _wire
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="cgroup limits need root on this machine")
 
@@ -187,7 +187,7 @@ def test_nothing_is_left_behind_when_the_agent_stops(tmp_path):
     np = pytest.importorskip("numpy")
     before = picloud_cgroups()
     os.chmod(tmp_path, 0o755)
-    from conftest import Cluster
+    from picloud_cluster import Cluster
 
     cluster = Cluster(tmp_path)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON_DIR, Cluster
+from picloud_cluster import PYTHON_DIR, Cluster
 
 import picloud as cloud
 from picloud import _ffi

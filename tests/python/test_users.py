@@ -14,7 +14,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import PYTHON_DIR, AgentClient, Cluster, _wire
+from picloud_cluster import PYTHON_DIR, AgentClient, Cluster, _wire
 
 USER_A = "picloud-test-user"
 USER_B = "picloud-test-user2"
