@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_main};
 use crossbeam_channel::Receiver;
-use picloud_nodeagent::local_wire::LocalMsg;
 use picloud_nodeagent::workers::{PoolKey, WorkerEvent, WorkerId, WorkerPool};
 use picloud_proto::TaskId;
+use picloud_proto::local_wire::LocalMsg;
 
 const ARRAY_BYTES: u64 = 1 << 30;
 

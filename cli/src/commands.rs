@@ -250,7 +250,7 @@ pub(crate) fn wait(a: WaitArgs) -> ExitCode {
     // again once the server is back.
     let reply = pbs::connect().and_then(|mut c| {
         c.request_reconnecting(picloud_proto::client::RECONNECT_WINDOW, deadline, |left| {
-            ClientRequest::Wait { jobs: jobs.clone(), timeout_ms: left.map(|t| t.as_millis() as u64) }
+            ClientRequest::wait_all(jobs.clone(), left.map(|t| t.as_millis() as u64))
         })
     });
     match reply {

@@ -156,7 +156,7 @@ fn results(a: ResultsArgs) -> ExitCode {
     };
     if a.wait {
         let timeout_ms = a.timeout.map(|s| (s * 1000.0).round() as u64);
-        match client.request(&ClientRequest::Wait { jobs: refs.clone(), timeout_ms }) {
+        match client.request(&ClientRequest::wait_all(refs.clone(), timeout_ms)) {
             Ok(_) => {}
             Err(picloud_proto::ClientError::Server(e)) if e.kind == ErrorKind::Timeout => {
                 eprintln!("{PROG}: {e}");

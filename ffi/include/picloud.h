@@ -668,10 +668,9 @@ int picloud_client_submit_python(struct picloud_client *client,
  * Waits for jobs (arrays as a whole) to end.
  *
  * `mode` is `PICLOUD_WAIT_ALL` (the server answers once all have ended) or
- * `PICLOUD_WAIT_ANY` (returns as soon as one has; libpicloud polls the
- * server, every 1 ms at first, backing off to every 20 ms). `timeout_ms` is
- * -1 to wait for ever, 0 to only look, else a limit in milliseconds, after
- * which the call fails with `PICLOUD_ERR_TIMEOUT` and the jobs go on.
+ * `PICLOUD_WAIT_ANY` (once at least one has). `timeout_ms` is -1 to wait for
+ * ever, 0 to only look, else a limit in milliseconds, after which the call
+ * fails with `PICLOUD_ERR_TIMEOUT` and the jobs go on.
  *
  * `ended_out` is NULL or an array of `n` bytes: on success and on a
  * timeout, entry `i` is set to 1 if `seqs[i]` had ended, else 0. `n` may be 0
@@ -692,6 +691,27 @@ int picloud_client_wait(struct picloud_client *client,
                         int64_t timeout_ms,
                         int mode,
                         uint8_t *ended_out);
+
+/**
+ * Waits as `picloud_client_wait` does and, in the same request, fetches
+ * the outcomes of every task of the jobs that have ended (all of them with
+ * `PICLOUD_WAIT_ALL`; at least one with `PICLOUD_WAIT_ANY`), in the order of
+ * `seqs`, as `picloud_client_results` would: a wait and its results cost one
+ * round trip. Only the jobs' owner (or root) may do this
+ * (`PICLOUD_ERR_PERMISSION_DENIED`, at once). On success `*out` holds the
+ * results (free it with `picloud_results_free`); on a timeout it is left
+ * alone and `ended_out` says which jobs had ended.
+ *
+ * # Safety
+ * As `picloud_client_wait`; `out` points to writable memory for a pointer.
+ */
+int picloud_client_wait_results(struct picloud_client *client,
+                                const uint64_t *seqs,
+                                size_t n,
+                                int64_t timeout_ms,
+                                int mode,
+                                uint8_t *ended_out,
+                                struct picloud_results **out);
 
 /**
  * The status of job `seq` (`index` -1), or of task `index` of array `seq`.

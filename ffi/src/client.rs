@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use picloud_proto::client::RECONNECT_WINDOW;
 use picloud_proto::{
     ArrayIndices, Client, ClientRequest, DependKind, Dependency, JobCommand, JobInfo, JobRef, JobSpec,
-    JobState, PythonCall, RefOutcome, ServerAddr, ServerReply, StatRequest,
+    JobState, PythonCall, RefOutcome, ServerAddr, ServerReply, StatRequest, WaitReply, WaitUntil,
 };
 
 use crate::args::{
@@ -614,10 +614,6 @@ pub const PICLOUD_WAIT_ALL: c_int = 0;
 /// `mode` of `picloud_client_wait`: return when at least one job has ended.
 pub const PICLOUD_WAIT_ANY: c_int = 1;
 
-/// First and longest pause between two polls of a `PICLOUD_WAIT_ANY`.
-const ANY_POLL_FIRST: Duration = Duration::from_millis(1);
-const ANY_POLL_MAX: Duration = Duration::from_millis(20);
-
 /// Which of `seqs` have ended (arrays: every task), by one `Stat`.
 fn ended(client: &mut Client, seqs: &[u64]) -> Result<Vec<bool>, FfiError> {
     let request = ClientRequest::Stat(StatRequest {
@@ -629,17 +625,18 @@ fn ended(client: &mut Client, seqs: &[u64]) -> Result<Vec<bool>, FfiError> {
     // A query changes nothing: across a restart of the server it is sent
     // again once the server is back.
     let reply = client.request_reconnecting(RECONNECT_WINDOW, None, |_| request.clone())?;
-    let (jobs, unknown) = match reply {
-        ServerReply::Jobs { jobs, unknown } => (jobs, unknown),
-        other => return Err(unexpected("a status request", &other)),
-    };
-    if !unknown.is_empty() {
-        let ids: Vec<String> = unknown.iter().map(|r| r.to_string()).collect();
-        return Err(FfiError::new(
-            PICLOUD_ERR_UNKNOWN_JOB,
-            format_args!("Unknown Job Id {}", ids.join(", ")),
-        ));
+    match reply {
+        ServerReply::Jobs { jobs, unknown } if unknown.is_empty() => finished_of(seqs, &jobs),
+        ServerReply::Jobs { unknown, .. } => {
+            let ids: Vec<String> = unknown.iter().map(|r| r.to_string()).collect();
+            Err(FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("Unknown Job Id {}", ids.join(", "))))
+        }
+        other => Err(unexpected("a status request", &other)),
     }
+}
+
+/// Whether each of `seqs` is finished, by the jobs' states.
+fn finished_of(seqs: &[u64], jobs: &[JobInfo]) -> Result<Vec<bool>, FfiError> {
     let finished: std::collections::HashMap<u64, bool> = jobs
         .iter()
         .filter(|j| j.task.index.is_none())
@@ -654,13 +651,93 @@ fn ended(client: &mut Client, seqs: &[u64]) -> Result<Vec<bool>, FfiError> {
         .collect()
 }
 
+/// The checked arguments of a wait.
+struct WaitArgs {
+    seqs: Vec<u64>,
+    timeout: Option<Duration>,
+    until: WaitUntil,
+    ended_out: *mut u8,
+}
+
+impl WaitArgs {
+    /// Checks what `picloud_client_wait` and `picloud_client_wait_results` were given.
+    ///
+    /// # Safety
+    /// As for those functions.
+    unsafe fn new(
+        seqs: *const u64,
+        n: usize,
+        timeout_ms: i64,
+        mode: c_int,
+        ended_out: *mut u8,
+    ) -> Result<Self, FfiError> {
+        // SAFETY: the caller promises n values at seqs.
+        let seqs = unsafe { slice(seqs, n, "seqs") }?.to_vec();
+        if n > 0 && !ended_out.is_null() {
+            check_out(ended_out, "ended_out")?;
+        }
+        let timeout = match timeout_ms {
+            -1 => None,
+            t if t >= 0 => Some(Duration::from_millis(t as u64)),
+            t => return Err(FfiError::invalid(format_args!("timeout_ms {t}: use -1 (no limit) or >= 0"))),
+        };
+        let until = match mode {
+            PICLOUD_WAIT_ALL => WaitUntil::All,
+            PICLOUD_WAIT_ANY if seqs.is_empty() => {
+                return Err(FfiError::invalid("PICLOUD_WAIT_ANY of no job would never return"));
+            }
+            PICLOUD_WAIT_ANY => WaitUntil::Any,
+            m => {
+                return Err(FfiError::invalid(format_args!(
+                    "mode {m} is not PICLOUD_WAIT_ALL or PICLOUD_WAIT_ANY"
+                )));
+            }
+        };
+        Ok(Self { seqs, timeout, until, ended_out })
+    }
+
+    /// Writes the ended flags, when the caller wants them.
+    fn report(&self, ended: &[bool]) {
+        if !self.ended_out.is_null() {
+            for (i, &e) in ended.iter().enumerate() {
+                // SAFETY: ended_out holds n bytes (the caller's promise), and
+                // ended has one entry per seq, n in all.
+                unsafe { self.ended_out.add(i).write(u8::from(e)) };
+            }
+        }
+    }
+
+    /// Sends the wait (again, with the time left, if the server restarts)
+    /// and returns its reply; on a timeout, reports which jobs had ended.
+    fn run(&self, client: &mut Client, reply: WaitReply) -> Result<ServerReply, FfiError> {
+        let jobs: Vec<JobRef> = self.seqs.iter().map(|&s| JobRef::Job(s)).collect();
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let request = |left: Option<Duration>| ClientRequest::Wait {
+            jobs: jobs.clone(),
+            timeout_ms: left.map(|t| t.as_millis() as u64),
+            until: self.until,
+            reply,
+        };
+        client.request_reconnecting(RECONNECT_WINDOW, deadline, request).map_err(|e| {
+            let e = FfiError::from(e);
+            if e.code == PICLOUD_ERR_TIMEOUT {
+                // Which ones did end, for the caller's bookkeeping; the
+                // timeout is the error reported either way.
+                if let Ok(done) = ended(client, &self.seqs) {
+                    self.report(&done);
+                }
+            }
+            e
+        })
+    }
+}
+
 /// Waits for jobs (arrays as a whole) to end.
 ///
 /// `mode` is `PICLOUD_WAIT_ALL` (the server answers once all have ended) or
-/// `PICLOUD_WAIT_ANY` (returns as soon as one has; libpicloud polls the
-/// server, every 1 ms at first, backing off to every 20 ms). `timeout_ms` is
-/// -1 to wait for ever, 0 to only look, else a limit in milliseconds, after
-/// which the call fails with `PICLOUD_ERR_TIMEOUT` and the jobs go on.
+/// `PICLOUD_WAIT_ANY` (once at least one has). `timeout_ms` is -1 to wait for
+/// ever, 0 to only look, else a limit in milliseconds, after which the call
+/// fails with `PICLOUD_ERR_TIMEOUT` and the jobs go on.
 ///
 /// `ended_out` is NULL or an array of `n` bytes: on success and on a
 /// timeout, entry `i` is set to 1 if `seqs[i]` had ended, else 0. `n` may be 0
@@ -685,84 +762,60 @@ pub unsafe extern "C" fn picloud_client_wait(
 ) -> c_int {
     boundary(|| {
         let c = client_of(client)?;
-        // SAFETY: the caller promises n values at seqs.
-        let seqs = unsafe { slice(seqs, n, "seqs") }?.to_vec();
-        if n > 0 && !ended_out.is_null() {
-            check_out(ended_out, "ended_out")?;
+        // SAFETY: passed on from the caller, whose promises are ours.
+        let args = unsafe { WaitArgs::new(seqs, n, timeout_ms, mode, ended_out) }?;
+        if args.seqs.is_empty() {
+            return c.with(|_| Ok(()));
         }
-        let timeout = match timeout_ms {
-            -1 => None,
-            t if t >= 0 => Some(Duration::from_millis(t as u64)),
-            t => return Err(FfiError::invalid(format_args!("timeout_ms {t}: use -1 (no limit) or >= 0"))),
+        c.with(|client| match args.run(client, WaitReply::States)? {
+            ServerReply::Jobs { jobs, .. } => {
+                args.report(&finished_of(&args.seqs, &jobs)?);
+                Ok(())
+            }
+            other => Err(unexpected("a wait", &other)),
+        })
+    })
+}
+
+/// Waits as `picloud_client_wait` does and, in the same request, fetches
+/// the outcomes of every task of the jobs that have ended (all of them with
+/// `PICLOUD_WAIT_ALL`; at least one with `PICLOUD_WAIT_ANY`), in the order of
+/// `seqs`, as `picloud_client_results` would: a wait and its results cost one
+/// round trip. Only the jobs' owner (or root) may do this
+/// (`PICLOUD_ERR_PERMISSION_DENIED`, at once). On success `*out` holds the
+/// results (free it with `picloud_results_free`); on a timeout it is left
+/// alone and `ended_out` says which jobs had ended.
+///
+/// # Safety
+/// As `picloud_client_wait`; `out` points to writable memory for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn picloud_client_wait_results(
+    client: *mut picloud_client,
+    seqs: *const u64,
+    n: usize,
+    timeout_ms: i64,
+    mode: c_int,
+    ended_out: *mut u8,
+    out: *mut *mut crate::results::picloud_results,
+) -> c_int {
+    boundary(|| {
+        let c = client_of(client)?;
+        check_out(out, "out")?;
+        // SAFETY: passed on from the caller, whose promises are ours.
+        let args = unsafe { WaitArgs::new(seqs, n, timeout_ms, mode, ended_out) }?;
+        let results = if args.seqs.is_empty() {
+            c.with(|_| Ok(Vec::new()))?
+        } else {
+            c.with(|client| match args.run(client, WaitReply::Results)? {
+                ServerReply::Results { results, .. } => Ok(results),
+                other => Err(unexpected("a wait for results", &other)),
+            })?
         };
-        let report = |ended: &[bool]| {
-            if !ended_out.is_null() {
-                for (i, &e) in ended.iter().enumerate() {
-                    // SAFETY: ended_out holds n bytes (the caller's promise),
-                    // and ended has one entry per seq, n in all.
-                    unsafe { ended_out.add(i).write(u8::from(e)) };
-                }
-            }
-        };
-        match mode {
-            PICLOUD_WAIT_ALL => {
-                if seqs.is_empty() {
-                    return c.with(|_| Ok(()));
-                }
-                let jobs: Vec<JobRef> = seqs.iter().map(|&s| JobRef::Job(s)).collect();
-                let deadline = timeout.map(|t| Instant::now() + t);
-                // Sent again (with the time left) if the server restarts.
-                let request = |left: Option<Duration>| ClientRequest::Wait {
-                    jobs: jobs.clone(),
-                    timeout_ms: left.map(|t| t.as_millis() as u64),
-                };
-                c.with(|client| match client.request_reconnecting(RECONNECT_WINDOW, deadline, request) {
-                    Ok(ServerReply::Jobs { .. }) => {
-                        report(&vec![true; seqs.len()]);
-                        Ok(())
-                    }
-                    Ok(other) => Err(unexpected("a wait", &other)),
-                    Err(e) => {
-                        let e = FfiError::from(e);
-                        if e.code == PICLOUD_ERR_TIMEOUT {
-                            // Which ones did end, for the caller's bookkeeping;
-                            // the timeout is the error reported either way.
-                            if let Ok(done) = ended(client, &seqs) {
-                                report(&done);
-                            }
-                        }
-                        Err(e)
-                    }
-                })
-            }
-            PICLOUD_WAIT_ANY => {
-                if seqs.is_empty() {
-                    return Err(FfiError::invalid("PICLOUD_WAIT_ANY of no job would never return"));
-                }
-                let deadline = timeout.map(|t| Instant::now() + t);
-                c.with(|client| {
-                    let mut pause = ANY_POLL_FIRST;
-                    loop {
-                        let done = ended(client, &seqs)?;
-                        if done.iter().any(|&d| d) {
-                            report(&done);
-                            return Ok(());
-                        }
-                        let now = Instant::now();
-                        if deadline.is_some_and(|d| now >= d) {
-                            report(&done);
-                            return Err(FfiError::new(
-                                PICLOUD_ERR_TIMEOUT,
-                                "timed out waiting for any of the jobs to end",
-                            ));
-                        }
-                        std::thread::sleep(deadline.map_or(pause, |d| pause.min(d - now)));
-                        pause = (pause * 2).min(ANY_POLL_MAX);
-                    }
-                })
-            }
-            m => Err(FfiError::invalid(format_args!("mode {m} is not PICLOUD_WAIT_ALL or PICLOUD_WAIT_ANY"))),
-        }
+        let ended: Vec<bool> = args.seqs.iter().map(|s| results.iter().any(|r| r.task.seq == *s)).collect();
+        args.report(&ended);
+        // SAFETY: checked by check_out; writable by the caller's promise.
+        unsafe { write_out(out, crate::results::stored(results)) };
+        Ok(())
     })
 }
 

@@ -33,7 +33,6 @@ mod args;
 mod client;
 mod error;
 mod handle;
-mod local;
 mod results;
 mod segment;
 

@@ -254,11 +254,15 @@ pub unsafe extern "C" fn picloud_client_results(
             ServerReply::Results { results, .. } => Ok(results),
             other => Err(unexpected("a results request", &other)),
         })?;
-        let handle = RESULTS.insert(picloud_results { tasks: tasks.into_iter().map(Stored::new).collect() });
         // SAFETY: checked by check_out; writable by the caller's promise.
-        unsafe { write_out(out, handle) };
+        unsafe { write_out(out, stored(tasks)) };
         Ok(())
     })
+}
+
+/// A new `picloud_results` handle holding `tasks`.
+pub(crate) fn stored(tasks: Vec<TaskResult>) -> *mut picloud_results {
+    RESULTS.insert(picloud_results { tasks: tasks.into_iter().map(Stored::new).collect() })
 }
 
 /// `*len_out` = the number of tasks in `results`.

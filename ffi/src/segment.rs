@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -32,7 +31,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use crate::args::{check_out, opt_str, req_str, write_out, write_str};
 use crate::error::{FfiError, boundary, picloud_error_code::*};
 use crate::handle::Registry;
-use crate::local::{self, ReadError, Reply, Request};
+use picloud_proto::local_wire::{self, Direction, LocalMsg, LocalWireError};
 
 /// How long a reply of the agent may take before the connection is given up:
 /// the agent answers from its main loop, at once unless it is stuck.
@@ -50,48 +49,38 @@ struct AgentConn {
 
 impl AgentConn {
     /// Sends `req` and reads its reply.
-    fn call(&mut self, req: Request<'_>) -> Result<Reply, FfiError> {
+    fn call(&mut self, req: LocalMsg) -> Result<LocalMsg, FfiError> {
         if let Some(why) = &self.broken {
             return Err(FfiError::new(
                 PICLOUD_ERR_CONNECTION_LOST,
                 format_args!("the connection to the agent was lost earlier ({why}); connect again"),
             ));
         }
-        let frame = local::encode(req).map_err(FfiError::invalid)?;
-        let result = self
-            .stream
-            .write_all(&frame)
-            .map_err(ReadError::Io)
-            .and_then(|()| local::read_reply(&mut self.stream));
-        match result {
-            Ok(reply) => Ok(reply),
-            Err(e) => {
-                let err = match e {
-                    ReadError::Io(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        FfiError::new(
-                            PICLOUD_ERR_TIMEOUT,
-                            format_args!("the agent did not answer within {REPLY_TIMEOUT:?}"),
-                        )
-                    }
-                    ReadError::Io(e) => FfiError::new(
-                        PICLOUD_ERR_CONNECTION_LOST,
-                        format_args!("lost the connection to the agent: {e}"),
-                    ),
-                    ReadError::Malformed(m) => FfiError::new(
-                        PICLOUD_ERR_PROTOCOL,
-                        format_args!("unreadable reply from the agent: {m}"),
-                    ),
-                };
-                // A late or half-read reply would answer the next request.
-                self.broken = Some(err.message.clone());
-                Err(err)
+        let result = local_wire::write_msg(&mut self.stream, &req)
+            .map_err(|error| LocalWireError::Io { error })
+            .and_then(|()| local_wire::read_msg_in(&mut self.stream, Direction::FromAgent));
+        let err = match result {
+            Ok(Some(reply)) => return Ok(reply),
+            Ok(None) => FfiError::new(PICLOUD_ERR_CONNECTION_LOST, "the agent closed the connection"),
+            Err(LocalWireError::Io { error })
+                if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                FfiError::new(
+                    PICLOUD_ERR_TIMEOUT,
+                    format_args!("the agent did not answer within {REPLY_TIMEOUT:?}"),
+                )
             }
-        }
+            Err(LocalWireError::Io { error }) => FfiError::new(
+                PICLOUD_ERR_CONNECTION_LOST,
+                format_args!("lost the connection to the agent: {error}"),
+            ),
+            Err(e) => {
+                FfiError::new(PICLOUD_ERR_PROTOCOL, format_args!("unreadable reply from the agent: {e}"))
+            }
+        };
+        // A late or half-read reply would answer the next request.
+        self.broken = Some(err.message.clone());
+        Err(err)
     }
 
     /// Takes a reference on `name` for a new segment object: from the agent
@@ -101,14 +90,14 @@ impl AgentConn {
             *n += 1;
             return Ok(());
         }
-        match self.call(Request::Hold(name))? {
-            Reply::Ok => {
+        match self.call(LocalMsg::SegmentHold { name: name.to_string() })? {
+            LocalMsg::Ok => {
                 self.held.insert(name.to_string(), 1);
                 Ok(())
             }
-            Reply::Error(m) => Err(FfiError::new(
+            LocalMsg::Error { message } => Err(FfiError::new(
                 PICLOUD_ERR_SERVER,
-                format_args!("the agent refused to hold segment {name}: {m}"),
+                format_args!("the agent refused to hold segment {name}: {message}"),
             )),
             other => Err(unexpected("SEGMENT_HOLD", &other)),
         }
@@ -131,21 +120,21 @@ impl AgentConn {
             // The agent released everything when the connection broke.
             return Ok(());
         }
-        match self.call(Request::Release(name))? {
-            Reply::Ok => Ok(()),
-            Reply::Error(m) => Err(FfiError::new(
+        match self.call(LocalMsg::SegmentRelease { name: name.to_string() })? {
+            LocalMsg::Ok => Ok(()),
+            LocalMsg::Error { message } => Err(FfiError::new(
                 PICLOUD_ERR_SERVER,
-                format_args!("the agent refused to release segment {name}: {m}"),
+                format_args!("the agent refused to release segment {name}: {message}"),
             )),
             other => Err(unexpected("SEGMENT_RELEASE", &other)),
         }
     }
 }
 
-fn unexpected(request: &str, reply: &Reply) -> FfiError {
+fn unexpected(request: &str, reply: &LocalMsg) -> FfiError {
     FfiError::new(
         PICLOUD_ERR_PROTOCOL,
-        format_args!("unexpected reply from the agent to {request}: {reply:?}"),
+        format_args!("unexpected reply from the agent to {request}: {}", reply.name()),
     )
 }
 
@@ -282,9 +271,9 @@ pub unsafe extern "C" fn picloud_segment_create(
             .filter(|&l| l <= isize::MAX as usize)
             .ok_or_else(|| FfiError::invalid(format_args!("size {size} cannot be mapped")))?;
         let mut conn = lock(&a.conn)?;
-        let (name, path) = match conn.call(Request::Create(size))? {
-            Reply::Segment { name, path, size: got } if got == size => (name, path),
-            Reply::Segment { name, size: got, .. } => {
+        let (name, path) = match conn.call(LocalMsg::SegmentCreate { size })? {
+            LocalMsg::Segment { name, path, size: got } if got == size => (name, path),
+            LocalMsg::Segment { name, size: got, .. } => {
                 // Not ours to keep: a segment of another size than asked.
                 conn.held.insert(name.clone(), 1);
                 undo_hold(&mut conn, &name);
@@ -293,10 +282,10 @@ pub unsafe extern "C" fn picloud_segment_create(
                     format_args!("asked the agent for {size} bytes, got a segment of {got}"),
                 ));
             }
-            Reply::Error(m) => {
+            LocalMsg::Error { message } => {
                 return Err(FfiError::new(
                     PICLOUD_ERR_SERVER,
-                    format_args!("the agent refused a segment of {size} bytes: {m}"),
+                    format_args!("the agent refused a segment of {size} bytes: {message}"),
                 ));
             }
             other => return Err(unexpected("SEGMENT_CREATE", &other)),

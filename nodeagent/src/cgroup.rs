@@ -1224,6 +1224,14 @@ impl JobCgroup {
         pids
     }
 
+    /// The cgroup's `pids.current` (how many processes and threads it holds)
+    /// opened for reading, to be read again with a `pread` at offset 0;
+    /// `None` without the pids controller.
+    pub fn open_pids_current(&self) -> Option<File> {
+        let dir = self.v2.as_ref().or(self.pids.as_ref())?;
+        File::open(dir.join("pids.current")).ok()
+    }
+
     /// What the cgroup measured. Files that do not exist give `None`.
     pub fn usage(&self) -> Usage {
         match &self.v2 {
@@ -1457,6 +1465,27 @@ mod tests {
         assert_eq!(job.usage().peak_memory, Some(4096));
         job.remove().unwrap();
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn pids_current_is_opened_where_the_pids_controller_has_it() {
+        let (_root, cg) = v2_fixture();
+        let job = cg.create("job-3", &Limits::default()).unwrap();
+        assert!(job.open_pids_current().is_none(), "no such file");
+        let Layout::V2 { base } = &cg.layout else { unreachable!() };
+        fs::write(base.join("job-3/pids.current"), "2\n").unwrap();
+        let file = job.open_pids_current().expect("opened");
+        let mut buf = [0u8; 8];
+        let n = file.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"2\n");
+        // v1: the pids controller's directory; none without that controller.
+        let root = tempfile::tempdir().unwrap();
+        let (memory, pids) = (root.path().join("memory"), root.path().join("pids"));
+        fs::create_dir_all(&pids).unwrap();
+        fs::write(pids.join("pids.current"), "1\n").unwrap();
+        let v1 = JobCgroup { memory: Some(memory.clone()), pids: Some(pids), ..JobCgroup::default() };
+        assert!(v1.open_pids_current().is_some());
+        assert!(JobCgroup { memory: Some(memory), ..JobCgroup::default() }.open_pids_current().is_none());
     }
 
     #[test]

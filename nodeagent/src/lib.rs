@@ -7,9 +7,11 @@
 pub mod agent;
 pub mod cgroup;
 pub mod launcher;
-pub mod local_wire;
 pub mod shm;
 pub mod topology;
 pub mod workers;
+
+/// The node-local protocol, defined beside the server's in `picloud-proto`.
+pub use picloud_proto::local_wire;
 
 pub use agent::{AgentConfig, AgentError, run};

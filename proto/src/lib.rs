@@ -6,10 +6,14 @@
 //! bincode-encoded message. The first frame each side sends is a [`Hello`]; the
 //! server answers with [`ServerReply::Welcome`] or an error and closes.
 //! Frames larger than [`MAX_FRAME_LEN`] are refused before they are read.
+//!
+//! [`local_wire`] is the other, node-local protocol: between a node agent and
+//! its Python workers, and between the agent and local clients (`agent.sock`).
 
 pub mod client;
 pub mod frame;
 pub mod ids;
+pub mod local_wire;
 pub mod msg;
 
 pub use client::{Client, ClientError, ServerAddr};
@@ -22,7 +26,9 @@ pub use msg::*;
 /// 2: [`NodeInfo`] gained `package_pus`, `l3` and `gpus`.
 /// 4: agents reconnect: [`AgentMsg::Heartbeat`], [`AgentMsg::Running`]
 /// (with [`TaskRunning`]); [`JobInfo`] gained `run_count`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: [`ClientRequest::Wait`] gained `until` (all or any) and `reply` (states
+/// or results).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Magic number at the start of every [`Hello`], so that a stray peer (an HTTP
 /// client, a port scanner) is recognised at once.

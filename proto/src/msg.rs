@@ -300,13 +300,18 @@ pub enum ClientRequest {
     Cancel(Vec<JobRef>),
     /// Release held jobs. Replied with [`ServerReply::Released`].
     Release(Vec<JobRef>),
-    /// Wait until every referenced job has ended. Replied with
-    /// [`ServerReply::Jobs`] (their final states) or an error on timeout.
+    /// Wait until every referenced job (or, with [`WaitUntil::Any`], one of
+    /// them) has ended. Replied as [`WaitReply`] says, or with an error on
+    /// timeout.
     Wait {
         /// Jobs to wait for.
         jobs: Vec<JobRef>,
         /// Give up after this many milliseconds.
         timeout_ms: Option<u64>,
+        /// Until all or any of them have ended.
+        until: WaitUntil,
+        /// What the reply carries.
+        reply: WaitReply,
     },
     /// List nodes. Replied with [`ServerReply::Nodes`].
     Nodes,
@@ -317,6 +322,35 @@ pub enum ClientRequest {
     /// The outcomes of Python tasks (every task of an array given as a whole).
     /// Replied with [`ServerReply::Results`].
     Results(Vec<JobRef>),
+}
+
+/// When a [`ClientRequest::Wait`] is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitUntil {
+    /// Once every job has ended.
+    #[default]
+    All,
+    /// Once at least one has ended.
+    Any,
+}
+
+/// What answers a [`ClientRequest::Wait`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitReply {
+    /// [`ServerReply::Jobs`]: the state of every job waited for.
+    #[default]
+    States,
+    /// [`ServerReply::Results`]: the outcomes of every task of the jobs
+    /// that have ended (their owner or root only), saving a
+    /// [`ClientRequest::Results`] after the wait.
+    Results,
+}
+
+impl ClientRequest {
+    /// A wait for all of `jobs`, answered with their states.
+    pub fn wait_all(jobs: Vec<JobRef>, timeout_ms: Option<u64>) -> Self {
+        ClientRequest::Wait { jobs, timeout_ms, until: WaitUntil::All, reply: WaitReply::States }
+    }
 }
 
 /// Which jobs a [`ClientRequest::Stat`] lists.

@@ -59,6 +59,11 @@ class Session:
         self.job_segments = {}
         # Result segments mapped here, by name (held until delete()).
         self.result_segments = {}
+        # The tasks of ended jobs, by sequence number (outcomes never change).
+        self.ended = {}
+        self.cache_lock = threading.Lock()
+        # Elements per task of each chunked map job, by sequence number.
+        self.chunksizes = {}
 
     def _find_or_start(self):
         configured = _local.configured_dir()

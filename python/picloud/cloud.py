@@ -14,7 +14,6 @@ shared memory (see ``docs/workers.md``).
 import os
 import sys
 import sysconfig
-import threading
 import time
 import weakref
 
@@ -47,9 +46,6 @@ _RESERVED = {
 #: into about this many tasks (at most ``MAX_AUTO_CHUNK`` elements each).
 AUTO_CHUNK_TASKS = 256
 MAX_AUTO_CHUNK = 1000
-
-# Elements per task of each chunked map job, by sequence number.
-_chunksizes = {}
 
 
 class Jid(int):
@@ -191,7 +187,7 @@ class _Options:
             o.flags |= lib.PICLOUD_JOB_NO_RERUN
         label = options.get("_label", name)
         o.name = self._str(label)
-        o.workdir = self._str(os.getcwd())
+        o.workdir = _cached_cstr(os.getcwd())
         env = options.get("_env") or {}
         if env:
             entries = [self._str(f"{k}={v}") for k, v in env.items()]
@@ -218,17 +214,43 @@ class _Options:
         return c
 
 
+# C strings that most submissions repeat (the interpreter, the working
+# directory), by their text; at most a few distinct ones live at a time.
+_cstrs = {}
+
+
+def _cached_cstr(text):
+    c = _cstrs.get(text)
+    if c is None:
+        if len(_cstrs) >= 64:
+            _cstrs.clear()
+        c = _cstrs[text] = cstr(text)
+    return c
+
+
+# ``sys.path`` as a C array, rebuilt when it changes: (its items, the array,
+# the strings the array points to).
+_sys_path = (None, None, None)
+
+
+def _sys_path_array():
+    global _sys_path
+    items = tuple(p for p in sys.path if p)
+    if items != _sys_path[0]:
+        strings = [cstr(p) for p in items]
+        _sys_path = (items, ffi.new("const char *[]", strings), strings)
+    return _sys_path[1], len(items)
+
+
 def _submit(s, function, arg_blobs, segments, options, name):
     """Submits one job of ``len(arg_blobs)`` tasks; returns its sequence number."""
     keep = []
     call = ffi.new("picloud_python_call *")
     call.struct_size = ffi.sizeof("picloud_python_call")
     call.kill_process = 1 if options.get("_kill_process") else 0
-    interp = cstr(sys.executable)
-    paths = [cstr(p) for p in sys.path if p]
-    path_arr = ffi.new("const char *[]", paths)
-    call.interpreter = interp
-    call.sys_path, call.sys_path_len = path_arr, len(paths)
+    call.interpreter = _cached_cstr(sys.executable)
+    path_arr, path_len = _sys_path_array()
+    call.sys_path, call.sys_path_len = path_arr, path_len
     fn = ffi.from_buffer(function)
     call.function.data, call.function.len = fn, len(function)
     args = ffi.new("picloud_bytes[]", len(arg_blobs))
@@ -305,7 +327,7 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
         _remember(s, seq, names, list(segments))
         count = sum(len(u) for u in units[first:first + len(blobs)]) if chunk > 1 else len(blobs)
         if chunk > 1:
-            _chunksizes[seq] = chunk
+            s.chunksizes[seq] = chunk
         jids.extend(Jid(seq, i) for i in range(count))
         first += len(blobs)
         blobs.clear(), names.clear(), segments.clear()
@@ -327,7 +349,7 @@ def _task_index(jid):
     """The array index of the task running ``jid`` (None for a call)."""
     if jid.index is None:
         return None
-    return jid.index // _chunksizes.get(jid.seq, 1)
+    return jid.index // session().chunksizes.get(jid.seq, 1)
 
 
 _live_mappings = weakref.WeakValueDictionary()
@@ -403,7 +425,12 @@ def _fetch(s, seq):
     """Every task of job ``seq``: a list indexed by array index (one entry for a call)."""
     out = ffi.new("picloud_results **")
     check(lib.picloud_client_results(s.client(), seq, -1, out))
-    results = ffi.gc(out[0], lib.picloud_results_free)
+    return [t for _, t in _unpack(out[0])]
+
+
+def _unpack(handle):
+    """``(seq, task)`` for each task in a ``picloud_results``, which is then freed."""
+    results = ffi.gc(handle, lib.picloud_results_free)
     n = ffi.new("size_t *")
     check(lib.picloud_results_len(results, n))
     tasks = []
@@ -429,25 +456,55 @@ def _fetch(s, seq):
         for j in range(r.segments_len):
             check(lib.picloud_results_segment(results, i, j, ffi.cast("const char **", name)))
             t.segments.append(ffi.string(name[0]).decode())
-        tasks.append(t)
+        tasks.append((r.seq, t))
     return tasks
 
-
-_cache = {}
-_cache_lock = threading.Lock()
 
 
 def _tasks(s, seq, refresh=False):
-    with _cache_lock:
-        tasks = _cache.get(seq)
+    with s.cache_lock:
+        tasks = s.ended.get(seq)
     if tasks is None or refresh:
         tasks = _fetch(s, seq)
         if all(t.exit_status is not None for t in tasks):
-            with _cache_lock:
-                _cache[seq] = tasks
-            # Ended: its argument segments may go.
-            s.job_segments.pop(seq, None)
+            _keep(s, seq, tasks)
     return tasks
+
+
+def _keep(s, seq, tasks):
+    """Caches the tasks of an ended job."""
+    with s.cache_lock:
+        s.ended[seq] = tasks
+    # Ended: its argument segments may go.
+    s.job_segments.pop(seq, None)
+
+
+def _wait_results(s, seqs, timeout):
+    """Waits until every job of ``seqs`` has ended, fetching the outcomes of
+    those not cached yet in the same request (sliced so that Ctrl-C is seen)."""
+    with s.cache_lock:
+        missing = [seq for seq in dict.fromkeys(seqs) if seq not in s.ended]
+    if not missing:
+        return
+    arr = ffi.new("uint64_t[]", missing)
+    out = ffi.new("picloud_results **")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        slice_ms = 200 if left is None else int(min(left, 0.2) * 1000)
+        rc = lib.picloud_client_wait_results(s.client(), arr, len(missing), slice_ms, lib.PICLOUD_WAIT_ALL,
+                                             ffi.NULL, out)
+        if rc == 0:
+            break
+        if rc != lib.PICLOUD_ERR_TIMEOUT:
+            check(rc)
+        if left is not None and left <= 0.2:
+            raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(missing)} job(s); they go on")
+    by_seq = {}
+    for seq, t in _unpack(out[0]):
+        by_seq.setdefault(seq, []).append(t)
+    for seq, tasks in by_seq.items():
+        _keep(s, seq, tasks)
 
 
 def _task(s, jid):
@@ -480,7 +537,7 @@ def _decoded(s, t):
 
 def _element(jid, t):
     """For an element of a chunked map whose task returned: its entry."""
-    chunk = _chunksizes.get(jid.seq, 1)
+    chunk = session().chunksizes.get(jid.seq, 1)
     if chunk == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
         return None
     return t._decoded_value[jid.index % chunk]
@@ -488,7 +545,7 @@ def _element(jid, t):
 
 def _element_error(jid, t):
     """``(exception, "Type: message", traceback)`` of a failed element of a chunked map."""
-    if _chunksizes.get(jid.seq, 1) == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
+    if session().chunksizes.get(jid.seq, 1) == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
         return None
     _decoded(session(), t)
     entry = _element(jid, t)
@@ -506,9 +563,10 @@ def _value(s, jid, t, ignore_errors):
     word = _status_word(t.state, t.exit_status, t.comment)
     if t.outcome == lib.PICLOUD_OUTCOME_RETURNED:
         value = _decoded(s, t)
-        if _chunksizes.get(jid.seq, 1) == 1:
+        chunk = s.chunksizes.get(jid.seq, 1)
+        if chunk == 1:
             return value
-        entry = value[jid.index % _chunksizes[jid.seq]]
+        entry = value[jid.index % chunk]
         if entry[0]:
             return entry[1]
         _, remote, error, tb = entry
@@ -550,10 +608,11 @@ def _progress(s, seqs, total):
 
 
 def _wait_with_progress(s, jids, timeout):
+    """Waits until the jobs of ``jids`` have ended and caches their outcomes."""
     seqs = list(dict.fromkeys(j.seq for j in jids))
     bar = _progress(s, seqs, len(jids))
     if bar is None:
-        return _wait(s, seqs, timeout)
+        return _wait_results(s, seqs, timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         status = ffi.new("picloud_task_status *")
@@ -565,7 +624,7 @@ def _wait_with_progress(s, jids, timeout):
                 done += status.array_finished if status.is_array else int(status.state == lib.PICLOUD_STATE_FINISHED)
             bar.update(done - bar.n)
             try:
-                return _wait(s, seqs, 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
+                return _wait_results(s, seqs, 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
             except CloudTimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(seqs)} job(s); they go on")
@@ -631,8 +690,8 @@ def status(jids):
     out = ffi.new("picloud_task_status *")
     words = []
     for j in jids:
-        with _cache_lock:
-            cached = _cache.get(j.seq)
+        with s.cache_lock:
+            cached = s.ended.get(j.seq)
         if cached is not None:
             words.append(_element_status(j, cached[_task_index(j) or 0]))
             continue
@@ -707,8 +766,8 @@ def delete(jids):
     jids, _ = _as_list(jids)
     s = session()
     for seq in {j.seq for j in jids}:
-        with _cache_lock:
-            tasks = _cache.pop(seq, None)
+        with s.cache_lock:
+            tasks = s.ended.pop(seq, None)
         s.job_segments.pop(seq, None)
         for t in tasks or ():
             for name in t.segments:

@@ -146,6 +146,22 @@ def test_tasks_run_as_their_owner_and_cannot_touch_other_users(two_users):
     assert isinstance(denied, subprocess.CompletedProcess) and denied.returncode != 0
     assert f"belong to {USER_B}" in denied.stderr, denied.stderr
 
+    # Nor through the Python API, the real library over the C ABI: A is
+    # told whose they are, at once, and B's job is left alone.
+    import picloud
+    from picloud import cloud as api
+
+    def fetch_as_a():
+        picloud.init(str(cluster.dir))
+        try:
+            api.result(api.Jid(int(big["id"].split(".")[0])), timeout=10)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return "allowed"
+
+    denied = as_user(a, fetch_as_a)
+    assert "PermissionDenied" in denied and f"belong to {USER_B}" in denied, denied
+
     # Nor may A take a reference on B's segment through the agent.
     reply = as_user(a, lambda: AgentClient(cluster.dir / "agent.sock").request(_wire.SegmentHold(segment)))
     assert reply.startswith("Error("), reply

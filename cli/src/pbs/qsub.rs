@@ -874,7 +874,7 @@ pub(crate) fn run(prog: &str, args: Vec<OsString>) -> ExitCode {
     }
     // `-W block=true`: wait for the job and exit with its exit status.
     let job = if is_array { JobRef::Array(seq) } else { JobRef::Job(seq) };
-    match client.request(&ClientRequest::Wait { jobs: vec![job], timeout_ms: None }) {
+    match client.request(&ClientRequest::wait_all(vec![job], None)) {
         Ok(ServerReply::Jobs { jobs, .. }) => {
             let status = jobs.first().and_then(|j| j.exit_status).unwrap_or(1);
             ExitCode::from(u8::try_from(status).unwrap_or(super::EXIT_FAILURE))

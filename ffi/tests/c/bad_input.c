@@ -234,6 +234,43 @@ static void results(picloud_client *client) {
     EXPECT(PICLOUD_OK, picloud_results_free(r));
     EXPECT(PICLOUD_ERR_INVALID_HANDLE, picloud_results_len(r, &len)); /* freed */
     EXPECT(PICLOUD_ERR_INVALID_HANDLE, picloud_results_free(r));
+
+    /* A wait that brings the results along. */
+    uint8_t ended[2] = {7, 7};
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_wait_results(client, &seq, 1, 0, PICLOUD_WAIT_ALL, NULL, NULL));
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_wait_results(client, NULL, 1, 0, PICLOUD_WAIT_ALL, NULL, &r));
+    EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_wait_results(client, &seq, 1, 0, 9, NULL, &r));
+    EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_wait_results(client, &seq, 0, 0, PICLOUD_WAIT_ANY, NULL, &r));
+    EXPECT(PICLOUD_ERR_INVALID_HANDLE,
+           picloud_client_wait_results((picloud_client *)ended, &seq, 1, 0, PICLOUD_WAIT_ALL, NULL, &r));
+    uint64_t unknown = 999999;
+    EXPECT(PICLOUD_ERR_UNKNOWN_JOB, picloud_client_wait_results(client, &unknown, 1, 0, PICLOUD_WAIT_ALL, NULL, &r));
+    r = NULL;
+    EXPECT(PICLOUD_OK, picloud_client_wait_results(client, &seq, 1, 1000, PICLOUD_WAIT_ANY, ended, &r));
+    CHECK(ended[0] == 1 && ended[1] == 7 && r != NULL);
+    EXPECT(PICLOUD_OK, picloud_results_len(r, &len));
+    CHECK(len == 1);
+    EXPECT(PICLOUD_OK, picloud_results_get(r, 0, &t));
+    CHECK(t.seq == seq && t.has_exit_status && t.exit_status == 0);
+    EXPECT(PICLOUD_OK, picloud_results_free(r));
+    /* Nothing to wait for: at once, and no results. */
+    EXPECT(PICLOUD_OK, picloud_client_wait_results(client, NULL, 0, -1, PICLOUD_WAIT_ALL, NULL, &r));
+    EXPECT(PICLOUD_OK, picloud_results_len(r, &len));
+    CHECK(len == 0);
+    EXPECT(PICLOUD_OK, picloud_results_free(r));
+    /* A timeout leaves *out alone and says which had ended. */
+    const char *sleeper[] = {"sleep", "30"};
+    uint64_t pair[2] = {seq, 0};
+    EXPECT(PICLOUD_OK, picloud_client_submit_command(client, sleeper, 2, NULL, &pair[1], NULL, 0));
+    r = NULL;
+    EXPECT(PICLOUD_ERR_TIMEOUT, picloud_client_wait_results(client, pair, 2, 100, PICLOUD_WAIT_ALL, ended, &r));
+    CHECK(r == NULL && ended[0] == 1 && ended[1] == 0);
+    EXPECT(PICLOUD_OK, picloud_client_wait_results(client, pair, 2, 5000, PICLOUD_WAIT_ANY, ended, &r));
+    CHECK(ended[0] == 1 && ended[1] == 0);
+    EXPECT(PICLOUD_OK, picloud_results_len(r, &len));
+    CHECK(len == 1);
+    EXPECT(PICLOUD_OK, picloud_results_free(r));
+    EXPECT(PICLOUD_OK, picloud_client_cancel(client, pair[1], -1));
 }
 
 static void segments(const char *dir) {

@@ -7,10 +7,19 @@
 //! pid: walltime timers, `Kill` and shutdown terminate the worker's process
 //! group, and the worker's death ends the task. A task that returns ends when
 //! its worker's `DONE` arrives; the worker lives on.
+//!
+//! What a task used comes from its worker's `/proc` files and cgroup, read
+//! through a [`Probe`] that keeps them open while the worker lives: for a
+//! short task, opening a file (a path walk) and closing it again cost more than
+//! reading it, and were most of the agent's work per task.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use picloud_proto::{JobCommand, PythonOutcome, PythonStatus, ResourcesUsed, StartTask, TaskEnd, TaskId};
 use tracing::{debug, warn};
@@ -40,15 +49,65 @@ pub(super) struct PythonSide {
     cgroups: HashMap<WorkerId, JobCgroup>,
     /// Worker running each Python task.
     by_task: HashMap<TaskId, WorkerId>,
-    /// Baselines taken when a task was dispatched: worker CPU ticks.
-    cpu_before: HashMap<WorkerId, u64>,
+    /// Each worker's open `/proc` and cgroup files, from its first task on.
+    probes: HashMap<WorkerId, Probe>,
     /// Why a worker's socket broke, for its task's comment.
     broken: HashMap<WorkerId, String>,
     /// Jobs whose argument segments could not be held here, with why.
     unusable: HashMap<u64, String>,
     /// Local clients (`agent.sock`) by connection number.
     pub(super) clients: HashMap<u64, (UnixStream, u32, u32)>,
+    /// The key under which workers cache each job's function.
+    functions: FunctionKeys,
     next_cgroup: u64,
+}
+
+/// Keys for the distinct function pickles of the Python jobs defined here.
+/// Jobs whose pickles are equal byte for byte share a key, so a worker that
+/// has loaded the function for one job (say one `cloud.call`) does not
+/// unpickle it again for the next: the loaded function object is reused, as
+/// it is between the tasks of one map.
+#[derive(Debug, Default)]
+struct FunctionKeys {
+    /// Key and number of jobs using it, by pickle.
+    keys: HashMap<Arc<[u8]>, (u64, usize)>,
+    /// Each job's pickle.
+    jobs: HashMap<u64, Arc<[u8]>>,
+    next: u64,
+}
+
+impl FunctionKeys {
+    /// The key of job `seq`'s function `pickle`.
+    fn key(&mut self, seq: u64, pickle: &[u8]) -> u64 {
+        if let Some(known) = self.jobs.get(&seq) {
+            return self.keys[known].0;
+        }
+        let shared = match self.keys.get_key_value(pickle) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => {
+                self.next += 1;
+                let shared: Arc<[u8]> = Arc::from(pickle);
+                self.keys.insert(Arc::clone(&shared), (self.next, 0));
+                shared
+            }
+        };
+        let entry = self.keys.get_mut(&shared).expect("inserted above");
+        entry.1 += 1;
+        let key = entry.0;
+        self.jobs.insert(seq, shared);
+        key
+    }
+
+    /// Job `seq` is gone: its pickle is dropped once no job uses it.
+    fn forget(&mut self, seq: u64) {
+        let Some(pickle) = self.jobs.remove(&seq) else { return };
+        if let Some(entry) = self.keys.get_mut(&pickle) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.keys.remove(&pickle);
+            }
+        }
+    }
 }
 
 impl PythonSide {
@@ -58,10 +117,11 @@ impl PythonSide {
             store,
             cgroups: HashMap::new(),
             by_task: HashMap::new(),
-            cpu_before: HashMap::new(),
+            probes: HashMap::new(),
             broken: HashMap::new(),
             unusable: HashMap::new(),
             clients: HashMap::new(),
+            functions: FunctionKeys::default(),
             next_cgroup: 0,
         }
     }
@@ -102,6 +162,7 @@ impl Agent {
     /// The job is forgotten here: its argument segments are free.
     pub(super) fn forget_python(&mut self, seq: u64) {
         self.python.unusable.remove(&seq);
+        self.python.functions.forget(seq);
         if let Some(store) = self.python.store.as_mut() {
             store.release_all(Holder::Job(seq));
         }
@@ -189,12 +250,18 @@ impl Agent {
         let spec = &job.def.spec;
         let mut env = spec.env.clone();
         env.push(("PICLOUD_JOB_ID".into(), start.job_id.clone()));
-        self.python.cpu_before.insert(worker, proc_cpu_ticks(pid));
-        reset_peak_rss(pid);
+        let cgroup = self.python.cgroups.get(&worker);
+        let probe = self
+            .python
+            .probes
+            .entry(worker)
+            .or_insert_with(|| Probe::open(pid, cgroup.and_then(JobCgroup::open_pids_current)));
+        probe.task_starts();
+        let function_key = self.python.functions.key(seq, &call.function);
         let sent = self.python.pool.dispatch(
             worker,
             start.task,
-            seq,
+            function_key,
             &call.function,
             args,
             &spec.workdir,
@@ -298,14 +365,14 @@ impl Agent {
             other => return self.break_worker(id, format!("the Python worker sent status {other}")),
         };
         let failed_key = (status == PythonStatus::LoadFailed).then_some(busy.task.seq);
-        let cpu_before = self.python.cpu_before.remove(&id).unwrap_or(0);
+        let ended = self.python.probes.get_mut(&id).map_or(TaskUse::UNKNOWN, Probe::task_ends);
         let used = ResourcesUsed {
-            cput_ms: proc_cpu_ticks(pid).saturating_sub(cpu_before) * 1000 / clock_ticks(),
+            cput_ms: ended.cput_ms,
             walltime_ms: busy.started.elapsed().as_millis() as u64,
-            mem: peak_rss(pid),
+            mem: ended.peak_rss,
         };
         // Leftovers of the task (children it started) die with it.
-        if let Some(cg) = self.python.cgroups.get(&id) {
+        if let Some(cg) = self.python.cgroups.get(&id).filter(|_| ended.maybe_others) {
             for other in cg.processes().into_iter().filter(|&p| p != pid) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(other),
@@ -350,7 +417,7 @@ impl Agent {
     pub(super) fn python_exit(&mut self, pid: i32, status: i32) -> bool {
         let Some(worker) = self.python.pool.remove_pid(pid) else { return false };
         let broken = self.python.broken.remove(&worker.id);
-        self.python.cpu_before.remove(&worker.id);
+        self.python.probes.remove(&worker.id);
         let cgroup = self.python.cgroups.remove(&worker.id);
         let oom = cgroup.as_ref().map(|cg| (cg.usage().oom_kills > 0, cg.usage().peak_memory));
         if let Some(cg) = &cgroup {
@@ -515,14 +582,147 @@ fn describe_wait_status(status: i32) -> String {
     }
 }
 
-/// User plus system CPU time of process `pid` and its waited-for children, in
-/// clock ticks; 0 when it cannot be read.
-fn proc_cpu_ticks(pid: i32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
-    // The command name (field 2) may hold spaces: count fields after its ')'.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return 0 };
-    // Fields 14 to 17 (utime, stime, cutime, cstime) are the 12th to 15th after it.
-    rest.split_whitespace().skip(11).take(4).filter_map(|f| f.parse::<u64>().ok()).sum()
+/// Largest `/proc/<pid>/status` expected (about 1.5 KiB; longer with many
+/// cpus); a longer file is read again into a larger buffer.
+const PROC_FILE_BUF: usize = 4096;
+
+/// One worker's `/proc` files and its cgroup's `pids.current`, open while the
+/// worker lives, and read afresh for each task with one `pread` at offset 0
+/// (procfs and cgroupfs render a file again for a read at offset 0). A file
+/// that could not be opened reads as nothing: 0 CPU time or memory, and
+/// perhaps leftovers (so the cgroup is listed, as without a `pids.current`).
+#[derive(Debug)]
+struct Probe {
+    /// `/proc/<pid>/stat`: CPU ticks and threads.
+    stat: Option<File>,
+    /// `/proc/<pid>/status`: peak resident set size (`VmHWM`).
+    status: Option<File>,
+    /// `/proc/<pid>/clear_refs`: resets `VmHWM` to the current size.
+    clear_refs: Option<File>,
+    /// The worker's cgroup's `pids.current`: its processes and threads.
+    pids_current: Option<File>,
+    /// CPU ticks when the worker's last task ended: the baseline of its next
+    /// task, since an idle worker waits for the next task without running.
+    /// `None` before its first task (or when they could not be read).
+    cpu_ticks: Option<u64>,
+    /// Reused for every read.
+    buf: Vec<u8>,
+}
+
+/// What a task used, as its worker's [`Probe`] saw it when the task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TaskUse {
+    /// CPU time of the worker and its waited-for children during the task.
+    cput_ms: u64,
+    /// Peak resident set size of the worker during the task, in bytes.
+    peak_rss: u64,
+    /// Whether the worker's cgroup may hold other processes than the worker
+    /// (leftovers of the task): it holds more processes and threads than the
+    /// worker has threads, or either count is unknown.
+    maybe_others: bool,
+}
+
+impl TaskUse {
+    /// Nothing could be read.
+    const UNKNOWN: Self = Self { cput_ms: 0, peak_rss: 0, maybe_others: true };
+}
+
+impl Probe {
+    /// Opens the files of worker process `pid`, and takes the `pids.current`
+    /// of its cgroup (see [`JobCgroup::open_pids_current`]).
+    fn open(pid: i32, pids_current: Option<File>) -> Self {
+        let open = |name: &str| File::open(format!("/proc/{pid}/{name}")).ok();
+        Self {
+            stat: open("stat"),
+            status: open("status"),
+            clear_refs: OpenOptions::new().write(true).open(format!("/proc/{pid}/clear_refs")).ok(),
+            pids_current,
+            cpu_ticks: None,
+            buf: vec![0; PROC_FILE_BUF],
+        }
+    }
+
+    /// A task is about to be sent: takes the CPU baseline if the last task
+    /// left none, and resets the peak resident set size.
+    fn task_starts(&mut self) {
+        if self.cpu_ticks.is_none() {
+            self.cpu_ticks = read_fresh(self.stat.as_ref(), &mut self.buf)
+                .and_then(|s| parse_stat(&s))
+                .map(|s| s.cpu_ticks);
+        }
+        if let Some(file) = &self.clear_refs {
+            // "5": reset the peak resident set size.
+            let _ = file.write_at(b"5", 0);
+        }
+    }
+
+    /// The task's `DONE` arrived: what it used. Its end is the next task's
+    /// CPU baseline.
+    fn task_ends(&mut self) -> TaskUse {
+        // pids.current right after the thread count, so that both describe
+        // nearly the same moment. The worker itself starts no threads, but a
+        // thread the task left running may start or end between the two
+        // reads: the counts then differ for nothing (a listing of the cgroup
+        // too many), or match while a leftover process is there, which is
+        // then killed when the worker's next task ends, or with the worker.
+        let stat = read_fresh(self.stat.as_ref(), &mut self.buf).and_then(|s| parse_stat(&s));
+        let pids =
+            read_fresh(self.pids_current.as_ref(), &mut self.buf).and_then(|s| s.trim().parse::<u64>().ok());
+        let peak_rss = read_fresh(self.status.as_ref(), &mut self.buf).and_then(|s| parse_peak_rss(&s));
+        let before = std::mem::replace(&mut self.cpu_ticks, stat.map(|s| s.cpu_ticks));
+        let ticks = before.zip(stat).map_or(0, |(before, now)| now.cpu_ticks.saturating_sub(before));
+        TaskUse {
+            cput_ms: ticks * 1000 / clock_ticks(),
+            peak_rss: peak_rss.unwrap_or(0),
+            maybe_others: !matches!((pids, stat), (Some(pids), Some(stat)) if pids == stat.threads),
+        }
+    }
+}
+
+/// The text of `file` as it is now: one `pread` at offset 0 into `buf`, again
+/// into a larger `buf` while the text fills it. `None` when there is no file
+/// or it cannot be read (the process is gone).
+fn read_fresh<'b>(file: Option<&File>, buf: &'b mut Vec<u8>) -> Option<Cow<'b, str>> {
+    let file = file?;
+    loop {
+        let n = file.read_at(buf, 0).ok()?;
+        if n < buf.len() {
+            return Some(String::from_utf8_lossy(&buf[..n]));
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// What [`Probe`] needs of `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    /// User plus system CPU time of the process and its waited-for children,
+    /// in clock ticks.
+    cpu_ticks: u64,
+    /// Threads of the process.
+    threads: u64,
+}
+
+/// Parses the text of `/proc/<pid>/stat`.
+fn parse_stat(stat: &str) -> Option<ProcStat> {
+    // The command name (field 2) may hold spaces and parentheses: count the
+    // fields after its last ')'. Fields 14 to 17 (utime, stime, cutime,
+    // cstime) are the 12th to 15th after it, field 20 (num_threads) the 18th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let mut cpu_ticks = 0u64;
+    for _ in 0..4 {
+        cpu_ticks += fields.next()?.parse::<u64>().ok()?;
+    }
+    let threads = fields.nth(2)?.parse().ok()?;
+    Some(ProcStat { cpu_ticks, threads })
+}
+
+/// The peak resident set size (`VmHWM`) in the text of `/proc/<pid>/status`,
+/// in bytes.
+fn parse_peak_rss(status: &str) -> Option<u64> {
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 fn clock_ticks() -> u64 {
@@ -531,17 +731,168 @@ fn clock_ticks() -> u64 {
     if ticks > 0 { ticks as u64 } else { 100 }
 }
 
-/// Resets the peak resident set size of `pid` (`VmHWM`) to its current size.
-fn reset_peak_rss(pid: i32) {
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Peak resident set size of `pid` since the last reset, in bytes.
-fn peak_rss(pid: i32) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    #[test]
+    fn equal_pickles_share_a_key_until_no_job_uses_it() {
+        let mut keys = FunctionKeys::default();
+        let (f, g) = (b"pickle of f".as_slice(), b"pickle of g".as_slice());
+        let a = keys.key(1, f);
+        assert_eq!(keys.key(2, f), a, "the same function, another job");
+        assert_eq!(keys.key(1, f), a, "asked again for the same job");
+        let b = keys.key(3, g);
+        assert_ne!(a, b);
+        keys.forget(1);
+        assert_eq!(keys.key(4, f), a, "job 2 still uses it");
+        keys.forget(2);
+        keys.forget(4);
+        keys.forget(4);
+        assert!(!keys.keys.contains_key(f), "no job uses it: dropped");
+        let again = keys.key(5, f);
+        assert!(again != a && again != b, "a new key, never one a worker may still cache for another pickle");
+        assert_eq!(keys.key(3, g), b);
+    }
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 900 0 0 0 \
+                    150 25 7 3 20 -5 4 0 12345 10000000 2000 18446744073709551615";
+        assert_eq!(parse_stat(stat), Some(ProcStat { cpu_ticks: 185, threads: 4 }));
+        assert_eq!(parse_stat("42 (short) S 1 2"), None);
+        assert_eq!(parse_stat(""), None);
+    }
+
+    #[test]
+    fn peak_rss_is_read_from_vmhwm() {
+        let status = "Name:\tpython3\nVmPeak:\t  30000 kB\nVmHWM:\t    9216 kB\nVmRSS:\t 8000 kB\n";
+        assert_eq!(parse_peak_rss(status), Some(9216 * 1024));
+        assert_eq!(parse_peak_rss("Name:\tkthreadd\n"), None);
+    }
+
+    #[test]
+    fn a_file_longer_than_the_buffer_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "x".repeat(10_000);
+        std::fs::write(dir.path().join("f"), &text).unwrap();
+        let file = File::open(dir.path().join("f")).unwrap();
+        let mut buf = vec![0; 16];
+        assert_eq!(read_fresh(Some(&file), &mut buf).as_deref(), Some(text.as_str()));
+        assert_eq!(read_fresh(None, &mut buf), None);
+    }
+
+    #[test]
+    fn a_kept_open_proc_file_is_rendered_afresh_at_offset_zero() {
+        let stat = File::open("/proc/self/stat").unwrap();
+        let mut buf = vec![0; PROC_FILE_BUF];
+        let first = read_fresh(Some(&stat), &mut buf).and_then(|s| parse_stat(&s)).unwrap();
+        assert!(first.threads >= 1);
+        // Burn CPU until the kernel has counted a tick more (10 ms at 100 Hz).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut spin = 0u64;
+        loop {
+            for i in 0..100_000u64 {
+                spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(i));
+            }
+            let now = read_fresh(Some(&stat), &mut buf).and_then(|s| parse_stat(&s)).unwrap();
+            if now.cpu_ticks > first.cpu_ticks {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the CPU ticks read through one handle never changed");
+        }
+    }
+
+    /// A Python process that does one step per line it reads: `hog` touches
+    /// 64 MiB and frees them, `burn` uses about 0.3 s of CPU, anything else
+    /// nothing; it answers each line when done.
+    struct Child {
+        child: std::process::Child,
+        out: BufReader<std::process::ChildStdout>,
+    }
+
+    impl Child {
+        fn start() -> Option<Self> {
+            let script = "\
+import sys, time
+print('ready', flush=True)
+for line in sys.stdin:
+    if line.strip() == 'hog':
+        b = b'\\x01' * (64 << 20)
+        del b
+    elif line.strip() == 'burn':
+        t = time.process_time()
+        while time.process_time() - t < 0.3:
+            pass
+    print('done', flush=True)
+";
+            let mut child = Command::new("python3")
+                .args(["-c", script])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .ok()?;
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line, "ready\n");
+            Some(Self { child, out })
+        }
+
+        fn step(&mut self, what: &str) {
+            writeln!(self.child.stdin.as_mut().unwrap(), "{what}").unwrap();
+            let mut line = String::new();
+            self.out.read_line(&mut line).unwrap();
+            assert_eq!(line, "done\n");
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn a_probe_measures_each_task_of_a_process_on_its_own() {
+        let Some(mut child) = Child::start() else {
+            return eprintln!("no python3 here: skipped");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let pids_path = dir.path().join("pids.current");
+        // The process alone in its "cgroup": one thread, one pid.
+        std::fs::write(&pids_path, "1\n").unwrap();
+        let mut probe = Probe::open(child.child.id() as i32, Some(File::open(&pids_path).unwrap()));
+
+        probe.task_starts();
+        child.step("hog");
+        let hog = probe.task_ends();
+        assert!(hog.peak_rss >= 64 << 20, "{hog:?}");
+        assert!(!hog.maybe_others, "{hog:?}");
+
+        probe.task_starts();
+        child.step("burn");
+        let burn = probe.task_ends();
+        assert!(burn.peak_rss < 48 << 20, "the peak was reset: {burn:?}");
+        assert!((200..=1000).contains(&burn.cput_ms), "{burn:?}");
+
+        // Another process (or thread) joined: the cgroup must be listed.
+        std::fs::write(&pids_path, "2\n").unwrap();
+        probe.task_starts();
+        child.step("nothing");
+        let idle = probe.task_ends();
+        assert!(idle.cput_ms < 100, "the last task's CPU time is not counted again: {idle:?}");
+        assert!(idle.maybe_others, "{idle:?}");
+
+        // Without a pids.current, or once the process is gone, leftovers may be.
+        let mut blind = Probe::open(child.child.id() as i32, None);
+        blind.task_starts();
+        assert!(blind.task_ends().maybe_others);
+        drop(child);
+        probe.task_starts();
+        assert_eq!(probe.task_ends(), TaskUse::UNKNOWN);
+    }
 }

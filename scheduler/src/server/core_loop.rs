@@ -62,7 +62,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use picloud_proto::{
     AgentMsg, ClientRequest, Dependency, ErrorKind, JobDefinition, JobRef, JobSpec, ProtoError, RefOutcome,
-    ServerReply, StartTask, TaskEnd, TaskRunning, ToAgent,
+    ServerReply, StartTask, TaskEnd, TaskRunning, ToAgent, WaitReply, WaitUntil,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -119,6 +119,10 @@ struct Waiter {
     conn: ConnId,
     refs: Vec<JobRef>,
     deadline: Option<Instant>,
+    until: WaitUntil,
+    reply: WaitReply,
+    /// The waiting user, to whom results are given.
+    uid: u32,
 }
 
 /// Frames for one connection, gathered during a batch.
@@ -754,7 +758,7 @@ impl CoreLoop {
                 let outcomes = refs.iter().map(|r| (*r, self.release(*r, caller.uid))).collect();
                 self.reply(conn, &ServerReply::Released(outcomes));
             }
-            ClientRequest::Wait { jobs, timeout_ms } => {
+            ClientRequest::Wait { jobs, timeout_ms, until, reply } => {
                 let view = self.view();
                 let unknown: Vec<String> =
                     jobs.iter().filter(|r| !view.exists(r)).map(|r| r.to_string()).collect();
@@ -765,8 +769,23 @@ impl CoreLoop {
                         format!("Unknown Job Id {}", unknown.join(", ")),
                     );
                 }
+                if until == WaitUntil::Any && jobs.is_empty() {
+                    return self.error(conn, ErrorKind::Invalid, "a wait for any of no job would never end");
+                }
+                if reply == WaitReply::Results {
+                    // Refused now rather than after the wait.
+                    let foreign = jobs
+                        .iter()
+                        .filter_map(|r| self.jobs.get(r.seq()))
+                        .find(|j| caller.uid != 0 && caller.uid != j.uid);
+                    if let Some(job) = foreign {
+                        let message =
+                            format!("the results of job {} belong to {}", job.id(&self.facts.name), job.user);
+                        return self.error(conn, ErrorKind::PermissionDenied, message);
+                    }
+                }
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-                self.waiters.push(Waiter { conn, refs: jobs, deadline });
+                self.waiters.push(Waiter { conn, refs: jobs, deadline, until, reply, uid: caller.uid });
                 self.ended_since_check = true;
             }
             ClientRequest::Shutdown => {
@@ -1091,11 +1110,25 @@ impl CoreLoop {
         if self.ended_since_check || self.waiters.iter().any(|w| w.deadline.is_some_and(|d| d <= now)) {
             self.ended_since_check = false;
             for w in std::mem::take(&mut self.waiters) {
-                let done = w.refs.iter().all(|r| self.jobs.get(r.seq()).is_none_or(|j| j.ref_ended(r)));
+                // A job forgotten meanwhile has ended too.
+                let ended = |r: &JobRef| self.jobs.get(r.seq()).is_none_or(|j| j.ref_ended(r));
+                let done = match w.until {
+                    WaitUntil::All => w.refs.iter().all(ended),
+                    WaitUntil::Any => w.refs.iter().any(ended),
+                };
                 if done {
                     let view = self.view();
-                    let jobs = w.refs.iter().flat_map(|r| view.infos_of(r)).collect();
-                    self.reply(w.conn, &ServerReply::Jobs { jobs, unknown: Vec::new() });
+                    let reply = match w.reply {
+                        WaitReply::States => {
+                            let jobs = w.refs.iter().flat_map(|r| view.infos_of(r)).collect();
+                            ServerReply::Jobs { jobs, unknown: Vec::new() }
+                        }
+                        WaitReply::Results => {
+                            let refs: Vec<JobRef> = w.refs.iter().copied().filter(ended).collect();
+                            view.results(&refs, w.uid)
+                        }
+                    };
+                    self.reply(w.conn, &reply);
                 } else if w.deadline.is_some_and(|d| d <= now) {
                     self.error(w.conn, ErrorKind::Timeout, "timed out waiting for the jobs to end");
                 } else {

@@ -226,7 +226,8 @@ impl View<'_> {
 
     /// Task outcomes, for their owner (or root) only: a function's value is
     /// its owner's data.
-    fn results(&self, refs: &[JobRef], uid: u32) -> ServerReply {
+    /// The outcomes of `refs`' tasks, for `uid` (their owner or root).
+    pub(crate) fn results(&self, refs: &[JobRef], uid: u32) -> ServerReply {
         let server = &self.facts.name;
         let name = |n| self.node_name(n);
         let mut results = Vec::new();

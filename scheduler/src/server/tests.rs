@@ -165,7 +165,7 @@ fn a_wait_times_out_and_the_connection_goes_on() {
     else {
         panic!()
     };
-    let wait = ClientRequest::Wait { jobs: vec![JobRef::Job(seq)], timeout_ms: Some(50) };
+    let wait = ClientRequest::wait_all(vec![JobRef::Job(seq)], Some(50));
     let t0 = Instant::now();
     match c.request(&wait) {
         Err(picloud_proto::ClientError::Server(e)) => assert_eq!(e.kind, picloud_proto::ErrorKind::Timeout),

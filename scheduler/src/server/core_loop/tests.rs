@@ -263,7 +263,7 @@ fn starts_are_batched_per_agent_after_one_definition() {
 fn the_agent_forgets_a_finished_job_and_wait_replies() {
     let mut h = Harness::with_agent(2);
     let (seq, _) = h.submit(spec(None));
-    let sent = h.batch(vec![request(ClientRequest::Wait { jobs: vec![JobRef::Job(seq)], timeout_ms: None })]);
+    let sent = h.batch(vec![request(ClientRequest::wait_all(vec![JobRef::Job(seq)], None))]);
     assert!(sent.replies.is_empty(), "the job has not ended yet");
     let sent =
         h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![finished(seq, None, 3)]) }]);
@@ -280,6 +280,100 @@ fn the_agent_forgets_a_finished_job_and_wait_replies() {
         other => panic!("{other:?}"),
     };
     assert_eq!((status.queued, status.running, status.finished, status.nodes_up), (0, 0, 1, 1));
+}
+
+fn wait(jobs: &[u64], until: WaitUntil, reply: WaitReply) -> ClientRequest {
+    ClientRequest::Wait {
+        jobs: jobs.iter().map(|&s| JobRef::Job(s)).collect(),
+        timeout_ms: None,
+        until,
+        reply,
+    }
+}
+
+#[test]
+fn a_wait_for_any_replies_once_one_job_has_ended() {
+    let mut h = Harness::with_agent(2);
+    let (a, _) = h.submit(spec(None));
+    let (b, _) = h.submit(spec(None));
+    let sent = h.batch(vec![request(wait(&[a, b], WaitUntil::Any, WaitReply::States))]);
+    assert!(sent.replies.is_empty(), "neither has ended yet");
+    let sent =
+        h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![finished(b, None, 0)]) }]);
+    match &sent.replies[..] {
+        [(ServerReply::Jobs { jobs, .. }, _)] => {
+            let state = |seq| jobs.iter().find(|j| j.task.seq == seq).map(|j| j.state);
+            assert_eq!((state(a), state(b)), (Some(JobState::Running), Some(JobState::Finished)));
+        }
+        other => panic!("expected the wait's reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_wait_for_results_carries_the_outcomes_of_the_ended_jobs() {
+    let mut h = Harness::with_agent(2);
+    let (a, _) = h.submit(spec(None));
+    let (b, _) = h.submit(spec(Some("0-2")));
+    let sent = h.batch(vec![request(wait(&[a, b], WaitUntil::Any, WaitReply::Results))]);
+    assert!(sent.replies.is_empty());
+    let mut end = finished(a, None, 0);
+    end.outcome = Some(Box::new(picloud_proto::PythonOutcome {
+        status: picloud_proto::PythonStatus::Returned,
+        value: b"forty-two".to_vec(),
+        error: String::new(),
+        traceback: String::new(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        segments: Vec::new(),
+    }));
+    let sent = h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![end]) }]);
+    match &sent.replies[..] {
+        // Only the job that ended; the array is still running.
+        [(ServerReply::Results { results, unknown }, _)] => {
+            assert!(unknown.is_empty());
+            assert_eq!(results.len(), 1, "{results:?}");
+            assert_eq!(results[0].task, TaskId { seq: a, index: None });
+            assert_eq!(results[0].outcome.as_ref().map(|o| o.value.as_slice()), Some(&b"forty-two"[..]));
+        }
+        other => panic!("expected the wait's reply, got {other:?}"),
+    }
+    // Waiting for all: every task of both jobs, in the order asked.
+    h.batch(vec![request(wait(&[b, a], WaitUntil::All, WaitReply::Results))]);
+    let ends = (0..3).map(|i| finished(b, Some(i), 1)).collect();
+    let sent = h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(ends) }]);
+    match &sent.replies[..] {
+        [(ServerReply::Results { results, .. }, _)] => {
+            let tasks: Vec<TaskId> = results.iter().map(|r| r.task).collect();
+            let want: Vec<TaskId> = (0..3)
+                .map(|i| TaskId { seq: b, index: Some(i) })
+                .chain([TaskId { seq: a, index: None }])
+                .collect();
+            assert_eq!(tasks, want);
+            assert!(results[..3].iter().all(|r| r.exit_status == Some(1)));
+        }
+        other => panic!("expected the wait's reply, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_wait_for_another_users_results_is_refused_at_once() {
+    let mut h = Harness::with_agent(2);
+    let (seq, _) = h.submit(spec(None));
+    let bob = Caller { uid: 1001, gid: 1001, user: "bob".into() };
+    let ask = |request| Inbound::Request { conn: CLIENT, caller: bob.clone(), request };
+    let sent = h.batch(vec![ask(wait(&[seq], WaitUntil::All, WaitReply::Results))]);
+    match &sent.replies[..] {
+        [(ServerReply::Error(e), _)] => {
+            assert_eq!(e.kind, ErrorKind::PermissionDenied);
+            assert!(e.message.contains("belong to alice"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Their states are anyone's to wait for; a wait for any of nothing is refused.
+    let sent = h.batch(vec![ask(wait(&[seq], WaitUntil::All, WaitReply::States))]);
+    assert!(sent.replies.is_empty(), "waits like any other");
+    let sent = h.batch(vec![ask(wait(&[], WaitUntil::Any, WaitReply::States))]);
+    assert!(matches!(&sent.replies[..], [(ServerReply::Error(e), _)] if e.kind == ErrorKind::Invalid));
 }
 
 #[test]
@@ -351,7 +445,7 @@ fn totals_follow_cancels_node_loss_and_purges() {
 fn stop_tells_agents_and_waiters() {
     let mut h = Harness::with_agent(1);
     let (seq, _) = h.submit(spec(None));
-    h.batch(vec![request(ClientRequest::Wait { jobs: vec![JobRef::Job(seq)], timeout_ms: None })]);
+    h.batch(vec![request(ClientRequest::wait_all(vec![JobRef::Job(seq)], None))]);
     h.core.handle(Inbound::Stop);
     h.core.end_batch();
     h.core.shut_down();
