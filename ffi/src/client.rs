@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use picloud_proto::client::RECONNECT_WINDOW;
+use picloud_proto::submit_env;
 use picloud_proto::{
     ArrayIndices, Client, ClientRequest, DependKind, Dependency, JobCommand, JobInfo, JobRef, JobSpec,
     JobState, PythonCall, RefOutcome, ServerAddr, ServerReply, StatRequest, WaitReply, WaitUntil,
@@ -313,10 +314,6 @@ unsafe fn read_options(p: *const picloud_job_options) -> Result<Options, FfiErro
     })
 }
 
-/// `PATH` of a command job without `PICLOUD_JOB_EXPORT_ENV`, as qsub gives
-/// a job submitted without `-V`.
-const CLEAN_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
 fn hostname() -> String {
     nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
 }
@@ -330,53 +327,28 @@ fn job_spec(command: JobCommand, default_name: &str, o: Options) -> Result<JobSp
     let cwd = std::env::current_dir()
         .map_err(|e| FfiError::new(PICLOUD_ERR_IO, format_args!("cannot read the current directory: {e}")))?;
     let workdir = o.workdir.as_deref().map_or_else(|| cwd.clone(), |w| cwd.join(w));
-    let is_python = matches!(command, JobCommand::Python(_));
     let export_all = o.flags & PICLOUD_JOB_EXPORT_ENV != 0;
-    let mut env: std::collections::BTreeMap<String, String> = if export_all {
-        std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect()
-    } else if is_python {
-        Default::default()
-    } else {
-        let mut clean: std::collections::BTreeMap<String, String> =
-            ["HOME", "USER", "LOGNAME", "SHELL", "LANG"]
-                .into_iter()
-                .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
-                .collect();
-        clean.insert("PATH".into(), CLEAN_PATH.into());
-        clean
-    };
-    env.extend(o.env);
     let host = hostname();
-    if !is_python {
-        // As qsub: where the job came from.
-        let mut origin = vec![
-            ("PBS_O_WORKDIR", Some(cwd.to_string_lossy().into_owned())),
-            ("PBS_O_HOST", Some(host.clone())),
-        ];
-        for (name, var) in [
-            ("PBS_O_HOME", "HOME"),
-            ("PBS_O_PATH", "PATH"),
-            ("PBS_O_LOGNAME", "LOGNAME"),
-            ("PBS_O_SHELL", "SHELL"),
-            ("PBS_O_LANG", "LANG"),
-        ] {
-            origin.push((name, std::env::var(var).ok()));
-        }
-        for (name, value) in origin {
-            if let Some(v) = value {
-                env.insert(name.to_string(), v);
-            }
-        }
-    }
+    let env = if matches!(command, JobCommand::Python(_)) {
+        // A Python task gets only what was asked for: its worker has the
+        // environment it was started with.
+        let mut env = if export_all { submit_env::current_vars() } else { Default::default() };
+        env.extend(o.env);
+        env.into_iter().collect()
+    } else {
+        // As qsub builds it.
+        let named: Vec<(String, Option<String>)> = o.env.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let workdir = cwd.to_string_lossy();
+        let origin = submit_env::Origin { workdir: &workdir, host: &host, queue: submit_env::DEFAULT_QUEUE };
+        submit_env::job_env(&submit_env::current_vars(), export_all, &named, origin)
+    };
     let submit_args = match &command {
         JobCommand::Argv(argv) => argv.join(" "),
         _ => String::new(),
     };
     let name = o.name.unwrap_or_else(|| default_name.to_string());
     let mut spec = JobSpec::new(name, command, workdir.to_string_lossy().into_owned());
-    spec.env = env.into_iter().collect();
+    spec.env = env;
     spec.stdout = o.stdout.as_deref().map(|p| absolute(p, &workdir));
     spec.stderr = o.stderr.as_deref().map(|p| absolute(p, &workdir));
     spec.hold = o.flags & PICLOUD_JOB_HOLD != 0;
@@ -1045,7 +1017,7 @@ mod tests {
         assert!(spec.rerunnable && !spec.hold);
         assert_eq!(spec.workdir, std::env::current_dir().unwrap().to_string_lossy());
         let env: std::collections::HashMap<_, _> = spec.env.into_iter().collect();
-        assert_eq!(env["PATH"], CLEAN_PATH);
+        assert_eq!(env["PATH"], submit_env::CLEAN_PATH);
         assert!(env.contains_key("PBS_O_WORKDIR"));
     }
 

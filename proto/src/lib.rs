@@ -15,6 +15,7 @@ pub mod frame;
 pub mod ids;
 pub mod local_wire;
 pub mod msg;
+pub mod submit_env;
 
 pub use client::{Client, ClientError, ServerAddr};
 pub use frame::{FrameError, FrameReader, read_frame, write_frame};

@@ -33,18 +33,10 @@ use picloud_proto::{
 use super::directives::{self, DEFAULT_PREFIX, DirectiveError};
 use super::resources::{self, ResourceError, ResourceItem};
 
-/// The queue PBS submits to when `-q` is not given; picloud has only this one.
-pub(crate) const DEFAULT_QUEUE: &str = "workq";
-
-/// `PATH` of a job submitted without `-V`, as PBS gives a clean environment.
-pub(crate) const CLEAN_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(crate) use picloud_proto::submit_env::{self, DEFAULT_QUEUE};
 
 /// Longest job name PBS accepts.
 const MAX_NAME_LEN: usize = 236;
-
-/// Variables copied from the submitter into the clean environment of a job
-/// submitted without `-V` (`PATH` is set to [`CLEAN_PATH`] instead).
-const CLEAN_ENV_VARS: [&str; 5] = ["HOME", "USER", "LOGNAME", "SHELL", "LANG"];
 
 /// The submitter's side of a submission.
 #[derive(Debug, Clone)]
@@ -61,9 +53,7 @@ impl SubmitEnv {
     /// The environment of this process.
     pub(crate) fn current() -> std::io::Result<Self> {
         let cwd = std::env::current_dir()?;
-        let vars: BTreeMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect();
+        let vars = submit_env::current_vars();
         // Prefer $PWD when it names the same directory: it keeps the symbolic
         // links the user sees (e.g. /home/alice rather than /export/home/alice).
         let cwd = match vars.get("PWD") {
@@ -725,43 +715,12 @@ pub(crate) fn prepare(args: &[String], env: &SubmitEnv, files: &dyn Files) -> Re
     Ok(build(opts, loaded, args, env, files))
 }
 
-/// The job's environment: the submitter's whole environment with `-V`, else a
-/// clean one; then the `-v` variables; then the `PBS_O_*` variables.
+/// The job's environment, as PBS builds it ([`submit_env::job_env`]).
 fn job_env(opts: &Options, env: &SubmitEnv) -> Vec<(String, String)> {
-    let submit = &env.vars;
-    let mut vars: BTreeMap<String, String> = if opts.export_all {
-        submit.clone()
-    } else {
-        let mut clean: BTreeMap<String, String> = CLEAN_ENV_VARS
-            .iter()
-            .filter_map(|k| submit.get(*k).map(|v| (k.to_string(), v.clone())))
-            .collect();
-        clean.insert("PATH".into(), CLEAN_PATH.into());
-        clean
-    };
-    for (name, value) in &opts.vars {
-        // A variable the submitter does not have becomes empty, not absent:
-        // the user asked for it by name.
-        let value = value.clone().or_else(|| submit.get(name).cloned()).unwrap_or_default();
-        vars.insert(name.clone(), value);
-    }
-    let origin = [
-        ("PBS_O_HOME", submit.get("HOME").cloned()),
-        ("PBS_O_PATH", submit.get("PATH").cloned()),
-        ("PBS_O_WORKDIR", Some(env.cwd.to_string_lossy().into_owned())),
-        ("PBS_O_HOST", Some(env.hostname.clone())),
-        ("PBS_O_LOGNAME", submit.get("LOGNAME").or_else(|| submit.get("USER")).cloned()),
-        ("PBS_O_SHELL", submit.get("SHELL").cloned()),
-        ("PBS_O_QUEUE", Some(opts.queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.into()))),
-        ("PBS_O_LANG", submit.get("LANG").cloned()),
-        ("PBS_O_MAIL", submit.get("MAIL").cloned()),
-    ];
-    for (name, value) in origin {
-        if let Some(value) = value {
-            vars.insert(name.to_string(), value);
-        }
-    }
-    vars.into_iter().collect()
+    let workdir = env.cwd.to_string_lossy();
+    let queue = opts.queue.as_deref().unwrap_or(DEFAULT_QUEUE);
+    let origin = submit_env::Origin { workdir: &workdir, host: &env.hostname, queue };
+    submit_env::job_env(&env.vars, opts.export_all, &opts.vars, origin)
 }
 
 fn build(opts: Options, loaded: Loaded, args: &[String], env: &SubmitEnv, files: &dyn Files) -> Submission {
@@ -1002,7 +961,7 @@ mod tests {
         assert_eq!(env["LOGNAME"], "alice");
         assert_eq!(env["SHELL"], "/bin/bash");
         assert_eq!(env["LANG"], "en_US.UTF-8");
-        assert_eq!(env["PATH"], CLEAN_PATH);
+        assert_eq!(env["PATH"], submit_env::CLEAN_PATH);
         assert_eq!(env["PBS_O_HOME"], "/home/alice");
         assert_eq!(env["PBS_O_PATH"], "/opt/sw/bin:/usr/bin:/bin");
         assert_eq!(env["PBS_O_WORKDIR"], "/home/alice/work");
