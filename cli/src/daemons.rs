@@ -129,6 +129,9 @@ pub(crate) struct UpArgs {
     /// Seconds between SIGTERM and SIGKILL when a job is killed.
     #[arg(long, default_value = "5", value_parser = parse_duration)]
     kill_grace: Duration,
+    /// The agent's directory of shared-memory segments [default: /dev/shm].
+    #[arg(long, value_name = "DIR")]
+    shm_dir: Option<PathBuf>,
     #[command(flatten)]
     journal: JournalArgs,
 }
@@ -310,7 +313,12 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     let grace = format!("{}", a.kill_grace.as_secs_f64());
-    let mut agent = match spawn_child(&["agent", "--kill-grace", &grace], &dir) {
+    let shm_dir = a.shm_dir.as_ref().map(|d| d.to_string_lossy().into_owned());
+    let mut agent_args = vec!["agent", "--kill-grace", &grace];
+    if let Some(d) = &shm_dir {
+        agent_args.extend(["--shm-dir", d]);
+    }
+    let mut agent = match spawn_child(&agent_args, &dir) {
         Ok(c) => c,
         Err(e) => {
             stop_child(&mut server, Duration::from_secs(5));

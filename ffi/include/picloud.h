@@ -820,8 +820,8 @@ int picloud_segment_create(struct picloud_agent *agent,
  * Maps an existing segment of this user read-only, by name (as a task's
  * result names it: `picloud_results_segment`). The agent is asked to hold it
  * (`SEGMENT_HOLD`), so that it outlives the job that made it, until
- * `picloud_segment_free`. The file is `$PICLOUD_SHM_DIR/NAME`, by default
- * `/dev/shm/NAME`, as workers find it. Writing to a read-only mapping
+ * `picloud_segment_free`; its answer says where the file is (the agent's
+ * `--shm-dir`: `picloud_segment_path`). Writing to a read-only mapping
  * crashes the process (`SIGSEGV`).
  *
  * # Safety
@@ -857,6 +857,17 @@ int picloud_segment_data(const struct picloud_segment *segment,
  * `buf` points to `cap` writable bytes.
  */
 int picloud_segment_name(const struct picloud_segment *segment, char *buf, size_t cap);
+
+/**
+ * Copies the path of the segment's file and a NUL into `buf` (`cap` bytes),
+ * as its agent gave it (in the agent's `--shm-dir`, `/dev/shm` by default):
+ * for a process that maps the file itself. A smaller buffer fails with
+ * `PICLOUD_ERR_BUFFER_TOO_SMALL` and an empty string.
+ *
+ * # Safety
+ * `buf` points to `cap` writable bytes.
+ */
+int picloud_segment_path(const struct picloud_segment *segment, char *buf, size_t cap);
 
 /**
  * Unmaps the segment and drops this process's reference to it (the last

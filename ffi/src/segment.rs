@@ -42,9 +42,17 @@ struct AgentConn {
     stream: UnixStream,
     /// Segment objects alive per name; the agent holds each listed name once
     /// for this connection.
-    held: HashMap<String, usize>,
+    held: HashMap<String, Held>,
     /// Why the connection can no longer be used.
     broken: Option<String>,
+}
+
+/// A segment this connection holds for its segment objects.
+struct Held {
+    /// How many segment objects use it.
+    objects: usize,
+    /// Its file, as the agent said.
+    path: PathBuf,
 }
 
 impl AgentConn {
@@ -85,15 +93,16 @@ impl AgentConn {
 
     /// Takes a reference on `name` for a new segment object: from the agent
     /// unless this connection holds it already.
-    fn hold(&mut self, name: &str) -> Result<(), FfiError> {
-        if let Some(n) = self.held.get_mut(name) {
-            *n += 1;
-            return Ok(());
+    fn hold(&mut self, name: &str) -> Result<PathBuf, FfiError> {
+        if let Some(held) = self.held.get_mut(name) {
+            held.objects += 1;
+            return Ok(held.path.clone());
         }
         match self.call(LocalMsg::SegmentHold { name: name.to_string() })? {
-            LocalMsg::Ok => {
-                self.held.insert(name.to_string(), 1);
-                Ok(())
+            LocalMsg::Segment { name: got, path, .. } if got == name => {
+                let path = PathBuf::from(path);
+                self.held.insert(name.to_string(), Held { objects: 1, path: path.clone() });
+                Ok(path)
             }
             LocalMsg::Error { message } => Err(FfiError::new(
                 PICLOUD_ERR_SERVER,
@@ -107,8 +116,8 @@ impl AgentConn {
     /// the agent's.
     fn release(&mut self, name: &str) -> Result<(), FfiError> {
         match self.held.get_mut(name) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
+            Some(held) if held.objects > 1 => {
+                held.objects -= 1;
                 return Ok(());
             }
             Some(_) => {
@@ -161,20 +170,14 @@ pub struct picloud_agent {
 pub struct picloud_segment {
     conn: SharedConn,
     name: String,
+    /// Its file, as the agent said.
+    path: PathBuf,
     map: MmapRaw,
     writable: bool,
 }
 
 static AGENTS: Registry<picloud_agent> = Registry::new("picloud_agent");
 static SEGMENTS: Registry<picloud_segment> = Registry::new("picloud_segment");
-
-/// Where segment files are: `$PICLOUD_SHM_DIR`, else `/dev/shm`, as the
-/// workers look for them.
-fn shm_dir() -> PathBuf {
-    std::env::var_os("PICLOUD_SHM_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from)
-}
 
 /// Connects to the agent of a state directory.
 ///
@@ -273,9 +276,9 @@ pub unsafe extern "C" fn picloud_segment_create(
         let mut conn = lock(&a.conn)?;
         let (name, path) = match conn.call(LocalMsg::SegmentCreate { size })? {
             LocalMsg::Segment { name, path, size: got } if got == size => (name, path),
-            LocalMsg::Segment { name, size: got, .. } => {
+            LocalMsg::Segment { name, path, size: got } => {
                 // Not ours to keep: a segment of another size than asked.
-                conn.held.insert(name.clone(), 1);
+                conn.held.insert(name.clone(), Held { objects: 1, path: PathBuf::from(path) });
                 undo_hold(&mut conn, &name);
                 return Err(FfiError::new(
                     PICLOUD_ERR_PROTOCOL,
@@ -291,12 +294,12 @@ pub unsafe extern "C" fn picloud_segment_create(
             other => return Err(unexpected("SEGMENT_CREATE", &other)),
         };
         // The agent holds it for this connection from now on.
-        *conn.held.entry(name.clone()).or_insert(0) += 1;
         let path = PathBuf::from(path);
+        conn.held.entry(name.clone()).or_insert(Held { objects: 0, path: path.clone() }).objects += 1;
         let mapped =
             open(&path, true).and_then(|f| MmapOptions::new().len(len).map_raw(&f).map_err(map_err(&path)));
         // SAFETY: checked by check_out above; writable by the caller's promise.
-        unsafe { adopt_mapping(&a.conn, conn, name, mapped, true, out) }
+        unsafe { adopt_mapping(&a.conn, conn, name, path, mapped, true, out) }
     })
 }
 
@@ -310,6 +313,7 @@ unsafe fn adopt_mapping(
     shared: &SharedConn,
     mut conn: std::sync::MutexGuard<'_, AgentConn>,
     name: String,
+    path: PathBuf,
     mapped: Result<MmapRaw, FfiError>,
     writable: bool,
     out: *mut *mut picloud_segment,
@@ -322,7 +326,7 @@ unsafe fn adopt_mapping(
         }
     };
     drop(conn);
-    let handle = SEGMENTS.insert(picloud_segment { conn: Arc::clone(shared), name, map, writable });
+    let handle = SEGMENTS.insert(picloud_segment { conn: Arc::clone(shared), name, path, map, writable });
     // SAFETY: the caller's promise.
     unsafe { write_out(out, handle) };
     Ok(())
@@ -339,8 +343,8 @@ fn check_name(name: &str) -> Result<(), FfiError> {
 /// Maps an existing segment of this user read-only, by name (as a task's
 /// result names it: `picloud_results_segment`). The agent is asked to hold it
 /// (`SEGMENT_HOLD`), so that it outlives the job that made it, until
-/// `picloud_segment_free`. The file is `$PICLOUD_SHM_DIR/NAME`, by default
-/// `/dev/shm/NAME`, as workers find it. Writing to a read-only mapping
+/// `picloud_segment_free`; its answer says where the file is (the agent's
+/// `--shm-dir`: `picloud_segment_path`). Writing to a read-only mapping
 /// crashes the process (`SIGSEGV`).
 ///
 /// # Safety
@@ -359,8 +363,7 @@ pub unsafe extern "C" fn picloud_segment_map(
         let name = unsafe { req_str(name, "name") }?.to_string();
         check_name(&name)?;
         let mut conn = lock(&a.conn)?;
-        conn.hold(&name)?;
-        let path = shm_dir().join(&name);
+        let path = conn.hold(&name)?;
         let mapped = open(&path, false).and_then(|f| {
             let len = f.metadata().map_err(map_err(&path))?.len();
             let len = usize::try_from(len)
@@ -374,7 +377,7 @@ pub unsafe extern "C" fn picloud_segment_map(
             MmapOptions::new().len(len).map_raw_read_only(&f).map_err(map_err(&path))
         });
         // SAFETY: checked by check_out above; writable by the caller's promise.
-        unsafe { adopt_mapping(&a.conn, conn, name, mapped, false, out) }
+        unsafe { adopt_mapping(&a.conn, conn, name, path, mapped, false, out) }
     })
 }
 
@@ -431,6 +434,29 @@ pub unsafe extern "C" fn picloud_segment_name(
         let s = SEGMENTS.get(segment, "segment")?;
         // SAFETY: the caller promises cap writable bytes at buf.
         unsafe { write_str(buf, cap, &s.name, "buf") }
+    })
+}
+
+/// Copies the path of the segment's file and a NUL into `buf` (`cap` bytes),
+/// as its agent gave it (in the agent's `--shm-dir`, `/dev/shm` by default):
+/// for a process that maps the file itself. A smaller buffer fails with
+/// `PICLOUD_ERR_BUFFER_TOO_SMALL` and an empty string.
+///
+/// # Safety
+/// `buf` points to `cap` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn picloud_segment_path(
+    segment: *const picloud_segment,
+    buf: *mut c_char,
+    cap: usize,
+) -> c_int {
+    boundary(|| {
+        let s = SEGMENTS.get(segment, "segment")?;
+        let path = s.path.to_str().ok_or_else(|| {
+            FfiError::new(PICLOUD_ERR_IO, format_args!("segment path {} is not UTF-8", s.path.display()))
+        })?;
+        // SAFETY: the caller promises cap writable bytes at buf.
+        unsafe { write_str(buf, cap, path, "buf") }
     })
 }
 

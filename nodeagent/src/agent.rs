@@ -235,11 +235,14 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
             None
         }
     });
-    let pool = crate::workers::WorkerPool::new(
+    let mut pool = crate::workers::WorkerPool::new(
         node.cores.len().max(1),
         config.python_path.clone(),
         python::sink(events_tx.clone()),
     );
+    if let Some(store) = &store {
+        pool.set_shm_dir(store.config().dir.clone());
+    }
     let _local_socket = match &config.local_socket {
         None => None,
         Some(path) => match local_socket::LocalSocket::start(path, events_tx.clone()) {

@@ -142,6 +142,8 @@ pub struct WorkerPool {
     cap: usize,
     /// Prepended to every worker's `PYTHONPATH` (where `picloud` itself lives).
     extra_path: Option<String>,
+    /// The directory of the node's segments, told to workers as `PICLOUD_SHM_DIR`.
+    shm_dir: Option<std::path::PathBuf>,
     sink: Sink,
 }
 
@@ -189,8 +191,14 @@ impl WorkerPool {
             next_tag: 0,
             cap: cap.max(1),
             extra_path,
+            shm_dir: None,
             sink,
         }
+    }
+
+    /// Tells workers started from now on where the node's segments are.
+    pub fn set_shm_dir(&mut self, dir: std::path::PathBuf) {
+        self.shm_dir = Some(dir);
     }
 
     /// The worker `id`, if alive.
@@ -271,6 +279,9 @@ impl WorkerPool {
             .env("PICLOUD_WORKER_FD", WORKER_FD.to_string())
             .stdin(Stdio::null())
             .process_group(0);
+        if let Some(dir) = &self.shm_dir {
+            cmd.env("PICLOUD_SHM_DIR", dir);
+        }
         // SAFETY: dup2 and fcntl are async-signal-safe and touch only file
         // descriptors; the closure allocates nothing.
         unsafe {

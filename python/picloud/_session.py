@@ -31,7 +31,9 @@ class Segment:
         ptr, length, w = ffi.new("void **"), ffi.new("uint64_t *"), ffi.new("int *")
         check(lib.picloud_segment_data(handle, ptr, length, w))
         self.size = length[0]
-        path = os.path.join(_payload.SHM_DIR, self.name)
+        buf = ffi.new("char[4096]")
+        check(lib.picloud_segment_path(handle, buf, 4096))
+        path = os.fsdecode(ffi.string(buf))
         # The agent made the file ours (mode 0600): Python maps it too, so
         # the mapping lives exactly as long as the arrays that view it.
         with open(path, "r+b" if writable else "rb") as f:

@@ -37,13 +37,13 @@ def picloud_bin():
 class Cluster:
     """A running `picloud up` and helpers to use it."""
 
-    def __init__(self, directory, python_dir=PYTHON_DIR, name="pytest"):
+    def __init__(self, directory, python_dir=PYTHON_DIR, name="pytest", up_args=()):
         self.dir = Path(directory)
         self.bin = picloud_bin()
         self.env = dict(os.environ, PICLOUD_DIR=str(self.dir), PICLOUD_PYTHONPATH=str(python_dir))
         self.log = open(self.dir / "up.log", "wb")
         self.proc = subprocess.Popen(
-            [self.bin, "up", "--dir", self.dir, "--name", name, "--kill-grace", "1"],
+            [self.bin, "up", "--dir", self.dir, "--name", name, "--kill-grace", "1", *map(str, up_args)],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 30

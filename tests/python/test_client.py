@@ -247,6 +247,38 @@ def test_a_large_result_comes_back_through_shared_memory(cluster):
     assert not out.flags.owndata
 
 
+def test_segments_live_where_the_agent_keeps_them(tmp_path):
+    # An agent with its own --shm-dir: the client and the workers learn the
+    # directory from the agent, with no PICLOUD_SHM_DIR set anywhere.
+    pytest.importorskip("numpy")
+    os.chmod(tmp_path, 0o755)
+    shm = Path(tempfile.mkdtemp(prefix="picloud-test-shm-", dir="/dev/shm"))
+    c = Cluster(tmp_path, name="shmdir", up_args=["--shm-dir", shm])
+    try:
+        code = textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {str(PYTHON_DIR)!r})
+            import numpy as np
+            import picloud as cloud
+            cloud.init({str(c.dir)!r})
+            arr = cloud.array((1 << 20,), np.float64)
+            arr[:] = 2.0
+            twice = cloud.result(cloud.call(lambda a: a * 2, arr))
+            files = sorted(os.listdir({str(shm)!r}))
+            print(float(twice.sum()), twice.flags.owndata, len(files))
+        """)
+        env = {k: v for k, v in os.environ.items() if k != "PICLOUD_SHM_DIR"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        total, owndata, files = done.stdout.split()
+        # The argument and the result, both in the agent's directory.
+        assert (float(total), owndata) == (4.0 * (1 << 20), "False"), done.stdout
+        assert int(files) >= 2, done.stdout
+    finally:
+        c.stop()
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 def test_server_going_away_mid_result_is_an_error_not_a_hang(tmp_path):
     os.chmod(tmp_path, 0o755)
     c = Cluster(tmp_path, name="goingaway")

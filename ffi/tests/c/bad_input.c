@@ -307,6 +307,14 @@ static void segments(const char *dir) {
     uint64_t vlen = 0;
     EXPECT(PICLOUD_OK, picloud_segment_data(view, &vdata, &vlen, &writable));
     CHECK(vlen == 4096 && writable == 0 && memcmp(vdata, "hellox", 6) == 0);
+    /* Both name one file, which the agent placed. */
+    char path[4096], vpath[4096];
+    EXPECT(PICLOUD_ERR_BUFFER_TOO_SMALL, picloud_segment_path(seg, tiny, sizeof tiny));
+    CHECK(tiny[0] == '\0');
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_segment_path(view, NULL, 10));
+    EXPECT(PICLOUD_OK, picloud_segment_path(seg, path, sizeof path));
+    EXPECT(PICLOUD_OK, picloud_segment_path(view, vpath, sizeof vpath));
+    CHECK(strcmp(path, vpath) == 0 && strstr(path, name) != NULL && path[0] == '/');
 
     EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_segment_map(agent, "../../etc/passwd", &view));
     EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_segment_map(agent, "", &view));

@@ -524,9 +524,14 @@ impl Agent {
                             Err(e) => LocalMsg::Error { message: e.to_string() },
                         }
                     }
+                    // Answered with where the segment is, as a creation is.
                     (Some(store), LocalMsg::SegmentHold { name }) => {
-                        match store.hold(&name, Holder::Client(conn), uid) {
-                            Ok(_) => LocalMsg::Ok,
+                        match store.hold(&name, Holder::Client(conn), uid).and_then(|()| store.info(&name)) {
+                            Ok(info) => LocalMsg::Segment {
+                                name: info.name,
+                                path: info.path.display().to_string(),
+                                size: info.size,
+                            },
                             Err(e) => LocalMsg::Error { message: e.to_string() },
                         }
                     }
