@@ -37,7 +37,7 @@ impl Bench {
             match self.events.recv_timeout(Duration::from_secs(60)).expect("the worker answers") {
                 WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, result, error, .. }) if t == tag => {
                     assert_eq!(status, 0, "task failed: {error}");
-                    self.pool.finish(self.worker, None);
+                    self.pool.finish(self.worker, false);
                     return result;
                 }
                 WorkerEvent::Message(_, LocalMsg::Ready { .. }) => {}

@@ -700,7 +700,11 @@ int picloud_client_wait(struct picloud_client *client,
  * round trip. Only the jobs' owner (or root) may do this
  * (`PICLOUD_ERR_PERMISSION_DENIED`, at once). On success `*out` holds the
  * results (free it with `picloud_results_free`); on a timeout it is left
- * alone and `ended_out` says which jobs had ended.
+ * alone and `ended_out` says which jobs had ended. Results that would not
+ * fit one reply (64 MiB) are left out, all of them: `*out` is then empty
+ * although `ended_out` says the jobs ended, and `picloud_client_results`
+ * fetches them job by job. A job forgotten by the server during the wait
+ * counts as ended, with no results.
  *
  * # Safety
  * As `picloud_client_wait`; `out` points to writable memory for a pointer.

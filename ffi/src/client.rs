@@ -623,6 +623,18 @@ fn finished_of(seqs: &[u64], jobs: &[JobInfo]) -> Result<Vec<bool>, FfiError> {
         .collect()
 }
 
+/// Whether each of `seqs` had ended when a wait was answered: a job missing
+/// from the answer was forgotten meanwhile, so it ended too.
+fn ended_by_wait(seqs: &[u64], jobs: &[JobInfo]) -> Vec<bool> {
+    seqs.iter()
+        .map(|s| {
+            jobs.iter()
+                .find(|j| j.task.seq == *s && j.task.index.is_none())
+                .is_none_or(|j| j.state == JobState::Finished)
+        })
+        .collect()
+}
+
 /// The checked arguments of a wait.
 struct WaitArgs {
     seqs: Vec<u64>,
@@ -741,7 +753,7 @@ pub unsafe extern "C" fn picloud_client_wait(
         }
         c.with(|client| match args.run(client, WaitReply::States)? {
             ServerReply::Jobs { jobs, .. } => {
-                args.report(&finished_of(&args.seqs, &jobs)?);
+                args.report(&ended_by_wait(&args.seqs, &jobs));
                 Ok(())
             }
             other => Err(unexpected("a wait", &other)),
@@ -756,7 +768,11 @@ pub unsafe extern "C" fn picloud_client_wait(
 /// round trip. Only the jobs' owner (or root) may do this
 /// (`PICLOUD_ERR_PERMISSION_DENIED`, at once). On success `*out` holds the
 /// results (free it with `picloud_results_free`); on a timeout it is left
-/// alone and `ended_out` says which jobs had ended.
+/// alone and `ended_out` says which jobs had ended. Results that would not
+/// fit one reply (64 MiB) are left out, all of them: `*out` is then empty
+/// although `ended_out` says the jobs ended, and `picloud_client_results`
+/// fetches them job by job. A job forgotten by the server during the wait
+/// counts as ended, with no results.
 ///
 /// # Safety
 /// As `picloud_client_wait`; `out` points to writable memory for a pointer.
@@ -775,15 +791,26 @@ pub unsafe extern "C" fn picloud_client_wait_results(
         check_out(out, "out")?;
         // SAFETY: passed on from the caller, whose promises are ours.
         let args = unsafe { WaitArgs::new(seqs, n, timeout_ms, mode, ended_out) }?;
-        let results = if args.seqs.is_empty() {
-            c.with(|_| Ok(Vec::new()))?
+        let (results, ended) = if args.seqs.is_empty() {
+            c.with(|_| Ok((Vec::new(), Vec::new())))?
         } else {
             c.with(|client| match args.run(client, WaitReply::Results)? {
-                ServerReply::Results { results, .. } => Ok(results),
+                ServerReply::Results { results, unknown } => {
+                    // Forgotten meanwhile (`unknown`) counts as ended.
+                    let ended = args
+                        .seqs
+                        .iter()
+                        .map(|s| {
+                            results.iter().any(|r| r.task.seq == *s) || unknown.iter().any(|r| r.seq() == *s)
+                        })
+                        .collect();
+                    Ok((results, ended))
+                }
+                // Outcomes too large for one reply: the jobs' states instead.
+                ServerReply::Jobs { jobs, .. } => Ok((Vec::new(), ended_by_wait(&args.seqs, &jobs))),
                 other => Err(unexpected("a wait for results", &other)),
             })?
         };
-        let ended: Vec<bool> = args.seqs.iter().map(|s| results.iter().any(|r| r.task.seq == *s)).collect();
         args.report(&ended);
         // SAFETY: checked by check_out; writable by the caller's promise.
         unsafe { write_out(out, crate::results::stored(results)) };

@@ -171,7 +171,7 @@ pub struct picloud_segment {
     conn: SharedConn,
     name: String,
     /// Its file, as the agent said.
-    path: PathBuf,
+    path: String,
     map: MmapRaw,
     writable: bool,
 }
@@ -326,6 +326,8 @@ unsafe fn adopt_mapping(
         }
     };
     drop(conn);
+    // The agent sent the path as a string: nothing is lost.
+    let path = path.to_string_lossy().into_owned();
     let handle = SEGMENTS.insert(picloud_segment { conn: Arc::clone(shared), name, path, map, writable });
     // SAFETY: the caller's promise.
     unsafe { write_out(out, handle) };
@@ -452,11 +454,8 @@ pub unsafe extern "C" fn picloud_segment_path(
 ) -> c_int {
     boundary(|| {
         let s = SEGMENTS.get(segment, "segment")?;
-        let path = s.path.to_str().ok_or_else(|| {
-            FfiError::new(PICLOUD_ERR_IO, format_args!("segment path {} is not UTF-8", s.path.display()))
-        })?;
         // SAFETY: the caller promises cap writable bytes at buf.
-        unsafe { write_str(buf, cap, path, "buf") }
+        unsafe { write_str(buf, cap, &s.path, "buf") }
     })
 }
 

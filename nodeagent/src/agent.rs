@@ -169,6 +169,34 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     run_with_node(config, node)
 }
 
+/// Open files a node needs per core: a Python worker's socket, its kept-open
+/// `/proc` and cgroup files (`agent/python.rs`), and room for a task's.
+const FILES_PER_CORE: u64 = 8;
+
+/// Open files the agent needs for itself (server, clients, spool, cgroups).
+const AGENT_FILES: u64 = 256;
+
+/// Raises this process's soft limit of open files, within the hard limit,
+/// when it is too low for a worker on every core (tasks inherit it). A
+/// limit that cannot be raised is logged; probes that cannot open their
+/// files then report no CPU time or memory.
+fn ensure_open_files(cores: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let need = AGENT_FILES + FILES_PER_CORE * cores as u64;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft >= need {
+        return;
+    }
+    let wanted = need.min(hard);
+    match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) if wanted >= need => info!(from = soft, to = wanted, "raised the limit of open files"),
+        Ok(()) => {
+            warn!(limit = wanted, need, "the hard limit of open files is below what {cores} cores need")
+        }
+        Err(e) => warn!(limit = soft, need, "cannot raise the limit of open files: {e}"),
+    }
+}
+
 /// Serves the server as a node described by `node` (e.g. loaded with
 /// [`topology::from_xml_file`]) until shutdown. `config.hostname`, when set,
 /// replaces `node.hostname`.
@@ -181,6 +209,7 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
     }
     // Step 1.
     clear_signal_mask()?;
+    ensure_open_files(node.cores.len());
     let launcher = Launcher::new(&config.spool_dir, &node.hostname).map_err(AgentError::Spool)?;
     let cgroups = if config.use_cgroups {
         let (cgroups, limits) = setup_cgroups();

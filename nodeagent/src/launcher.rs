@@ -104,7 +104,7 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 pub const EXIT_NOT_EXECUTABLE: i32 = 126;
 
 /// Queue name reported in `PBS_QUEUE` when the job named none (the server's default).
-pub const DEFAULT_QUEUE: &str = "workq";
+pub use picloud_proto::submit_env::DEFAULT_QUEUE;
 
 /// How long a looked-up [`Owner`] is reused before it is looked up again (so
 /// that a user added to a group gets it in jobs started a minute later).

@@ -99,6 +99,8 @@ pub struct Busy {
     pub started: Instant,
     /// Replace the worker afterwards.
     pub kill_process: bool,
+    /// The key its function was sent under.
+    pub function_key: u64,
 }
 
 /// One worker process.
@@ -370,7 +372,7 @@ impl WorkerPool {
         if worker.functions.len() > FUNCTION_CACHE {
             worker.functions.pop_front();
         }
-        worker.busy = Some(Busy { task, tag, started: Instant::now(), kill_process });
+        worker.busy = Some(Busy { task, tag, started: Instant::now(), kill_process, function_key });
         let msg = LocalMsg::Task {
             tag,
             function_key,
@@ -386,11 +388,11 @@ impl WorkerPool {
     /// Step 3: worker `id` finished its task; returns it. The worker goes back
     /// to its pool, or is retired if the task asked for that. A task whose
     /// function did not load leaves the function out of the worker's cache.
-    pub fn finish(&mut self, id: WorkerId, function_failed: Option<u64>) -> Option<Busy> {
+    pub fn finish(&mut self, id: WorkerId, function_failed: bool) -> Option<Busy> {
         let worker = self.workers.get_mut(&id)?;
         let busy = worker.busy.take()?;
-        if let Some(key) = function_failed {
-            worker.functions.retain(|&k| k != key);
+        if function_failed {
+            worker.functions.retain(|&k| k != busy.function_key);
         }
         worker.idle_since = Instant::now();
         if busy.kill_process || worker.retiring {

@@ -114,6 +114,8 @@ impl ClientError {
     /// go away in this sense: its error is final.
     pub fn server_went_away(&self) -> bool {
         match self {
+            // A reply that cannot be read would be the same after a reconnection.
+            ClientError::Frame(FrameError::TooLarge { .. } | FrameError::Malformed(_)) => false,
             ClientError::NotRunning { .. } | ClientError::Frame(_) => true,
             ClientError::Connect { source, .. } => matches!(
                 source.kind(),

@@ -187,7 +187,7 @@ class _Options:
             o.flags |= lib.PICLOUD_JOB_NO_RERUN
         label = options.get("_label", name)
         o.name = self._str(label)
-        o.workdir = _cached_cstr(os.getcwd())
+        o.workdir = self._keep(_cached_cstr(os.getcwd()))
         env = options.get("_env") or {}
         if env:
             entries = [self._str(f"{k}={v}") for k, v in env.items()]
@@ -209,13 +209,16 @@ class _Options:
         self.c = o
 
     def _str(self, text):
-        c = cstr(str(text))
+        return self._keep(cstr(str(text)))
+
+    def _keep(self, c):
         self.keep.append(c)
         return c
 
 
 # C strings that most submissions repeat (the interpreter, the working
-# directory), by their text; at most a few distinct ones live at a time.
+# directory), by their text. A submission keeps a reference to each string it
+# points to until its C call returns, so dropping them here is always safe.
 _cstrs = {}
 
 
@@ -234,12 +237,15 @@ _sys_path = (None, None, None)
 
 
 def _sys_path_array():
+    """``(items, array, strings)`` for ``sys.path``; the caller holds the
+    whole tuple while C reads the array."""
     global _sys_path
+    current = _sys_path
     items = tuple(p for p in sys.path if p)
-    if items != _sys_path[0]:
+    if items != current[0]:
         strings = [cstr(p) for p in items]
-        _sys_path = (items, ffi.new("const char *[]", strings), strings)
-    return _sys_path[1], len(items)
+        current = _sys_path = (items, ffi.new("const char *[]", strings), strings)
+    return current
 
 
 def _submit(s, function, arg_blobs, segments, options, name):
@@ -248,9 +254,11 @@ def _submit(s, function, arg_blobs, segments, options, name):
     call = ffi.new("picloud_python_call *")
     call.struct_size = ffi.sizeof("picloud_python_call")
     call.kill_process = 1 if options.get("_kill_process") else 0
-    call.interpreter = _cached_cstr(sys.executable)
-    path_arr, path_len = _sys_path_array()
-    call.sys_path, call.sys_path_len = path_arr, path_len
+    interpreter = _cached_cstr(sys.executable)
+    sys_path = _sys_path_array()
+    keep += [interpreter, sys_path]
+    call.interpreter = interpreter
+    call.sys_path, call.sys_path_len = sys_path[1], len(sys_path[0])
     fn = ffi.from_buffer(function)
     call.function.data, call.function.len = fn, len(function)
     args = ffi.new("picloud_bytes[]", len(arg_blobs))
@@ -390,24 +398,32 @@ def _as_list(jids):
     return [_jid(j) for j in jids], False
 
 
-def _wait(s, seqs, timeout, mode=None):
-    """Waits until every (or, with WAIT_ANY, one) job has ended; slices the
-    wait so that Ctrl-C is seen. Returns the ended flags."""
-    mode = lib.PICLOUD_WAIT_ALL if mode is None else mode
-    seqs = list(dict.fromkeys(seqs))
-    arr = ffi.new("uint64_t[]", seqs)
-    ended = ffi.new("uint8_t[]", len(seqs))
+def _sliced(timeout, count, attempt):
+    """Calls ``attempt(slice_ms)`` (a libpicloud wait) in slices of at most
+    200 ms, so that Ctrl-C is seen, until it returns 0 or ``timeout``
+    (seconds; None for ever) has passed."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         slice_ms = 200 if left is None else int(min(left, 0.2) * 1000)
-        rc = lib.picloud_client_wait(s.client(), arr, len(seqs), slice_ms, mode, ended)
+        rc = attempt(slice_ms)
         if rc == 0:
-            return dict(zip(seqs, (bool(e) for e in ended)))
+            return
         if rc != lib.PICLOUD_ERR_TIMEOUT:
             check(rc)
         if left is not None and left <= 0.2:
-            raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(seqs)} job(s); they go on")
+            raise CloudTimeoutError(f"timed out after {timeout} s waiting for {count} job(s); they go on")
+
+
+def _wait(s, seqs, timeout, mode=None):
+    """Waits until every (or, with WAIT_ANY, one) job has ended, without
+    fetching results. Returns the ended flags."""
+    mode = lib.PICLOUD_WAIT_ALL if mode is None else mode
+    seqs = list(dict.fromkeys(seqs))
+    arr = ffi.new("uint64_t[]", seqs)
+    ended = ffi.new("uint8_t[]", len(seqs))
+    _sliced(timeout, len(seqs), lambda ms: lib.picloud_client_wait(s.client(), arr, len(seqs), ms, mode, ended))
+    return dict(zip(seqs, (bool(e) for e in ended)))
 
 
 class _Task:
@@ -481,25 +497,16 @@ def _keep(s, seq, tasks):
 
 def _wait_results(s, seqs, timeout):
     """Waits until every job of ``seqs`` has ended, fetching the outcomes of
-    those not cached yet in the same request (sliced so that Ctrl-C is seen)."""
+    those not cached yet in the same request. Outcomes the server left out
+    (too large for one reply) are fetched later, job by job, by ``_tasks``."""
     with s.cache_lock:
         missing = [seq for seq in dict.fromkeys(seqs) if seq not in s.ended]
     if not missing:
         return
     arr = ffi.new("uint64_t[]", missing)
     out = ffi.new("picloud_results **")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        slice_ms = 200 if left is None else int(min(left, 0.2) * 1000)
-        rc = lib.picloud_client_wait_results(s.client(), arr, len(missing), slice_ms, lib.PICLOUD_WAIT_ALL,
-                                             ffi.NULL, out)
-        if rc == 0:
-            break
-        if rc != lib.PICLOUD_ERR_TIMEOUT:
-            check(rc)
-        if left is not None and left <= 0.2:
-            raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(missing)} job(s); they go on")
+    _sliced(timeout, len(missing), lambda ms: lib.picloud_client_wait_results(
+        s.client(), arr, len(missing), ms, lib.PICLOUD_WAIT_ALL, ffi.NULL, out))
     by_seq = {}
     for seq, t in _unpack(out[0]):
         by_seq.setdefault(seq, []).append(t)
@@ -607,12 +614,14 @@ def _progress(s, seqs, total):
     return tqdm(total=total, unit="job")
 
 
-def _wait_with_progress(s, jids, timeout):
-    """Waits until the jobs of ``jids`` have ended and caches their outcomes."""
+def _wait_with_progress(s, jids, timeout, results=True):
+    """Waits until the jobs of ``jids`` have ended; with ``results``, caches
+    their outcomes too."""
     seqs = list(dict.fromkeys(j.seq for j in jids))
+    wait = _wait_results if results else _wait
     bar = _progress(s, seqs, len(jids))
     if bar is None:
-        return _wait_results(s, seqs, timeout)
+        return wait(s, seqs, timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         status = ffi.new("picloud_task_status *")
@@ -624,7 +633,7 @@ def _wait_with_progress(s, jids, timeout):
                 done += status.array_finished if status.is_array else int(status.state == lib.PICLOUD_STATE_FINISHED)
             bar.update(done - bar.n)
             try:
-                return _wait_results(s, seqs, 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
+                return wait(s, seqs, 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
             except CloudTimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CloudTimeoutError(f"timed out after {timeout} s waiting for {len(seqs)} job(s); they go on")
@@ -674,7 +683,7 @@ def join(jids, timeout=None, ignore_errors=False):
     the first that failed unless ``ignore_errors``."""
     jids, _ = _as_list(jids)
     s = session()
-    _wait_with_progress(s, jids, timeout)
+    _wait_with_progress(s, jids, timeout, results=not ignore_errors)
     if not ignore_errors:
         for j in jids:
             t = _task(s, j)

@@ -221,6 +221,13 @@ def test_function_from_a_module_workers_cannot_import(cluster, tmp_path):
     assert cloud.result(cloud.map(scratch.times, [1, 2, 3])) == [7, 14, 21]
 
 
+def test_jids_of_a_chunked_map_stay_readable_after_init_to_the_same_cluster(cluster):
+    jids = cloud.map(lambda x: x * 3, range(600))     # chunked: 600 > 256 elements
+    cloud.init(cluster.dir)
+    assert cloud.result(jids) == [x * 3 for x in range(600)]
+    assert cloud.status(jids[599]) == "done"
+
+
 def test_a_1gib_array_argument_is_read_without_a_copy(cluster):
     np = pytest.importorskip("numpy")
     n = (1 << 30) // 8

@@ -151,16 +151,20 @@ def test_tasks_run_as_their_owner_and_cannot_touch_other_users(two_users):
     import picloud
     from picloud import cloud as api
 
-    def fetch_as_a():
+    def fetch_as_a(job_id):
         picloud.init(str(cluster.dir))
+        started = time.monotonic()
         try:
-            api.result(api.Jid(int(big["id"].split(".")[0])), timeout=10)
+            api.result(api.Jid(int(job_id.split(".")[0])), timeout=20)
         except Exception as e:
-            return f"{type(e).__name__}: {e}"
+            return f"{time.monotonic() - started:.1f}s {type(e).__name__}: {e}"
         return "allowed"
 
-    denied = as_user(a, fetch_as_a)
-    assert "PermissionDenied" in denied and f"belong to {USER_B}" in denied, denied
+    # B's finished job, and B's running one: refused before any waiting.
+    for job_id in (big["id"], staying):
+        denied = as_user(a, lambda: fetch_as_a(job_id))
+        assert "PermissionDenied" in denied and f"belong to {USER_B}" in denied, denied
+        assert float(denied.split("s ", 1)[0].strip("'\"")) < 5, denied
 
     # Nor may A take a reference on B's segment through the agent.
     reply = as_user(a, lambda: AgentClient(cluster.dir / "agent.sock").request(_wire.SegmentHold(segment)))

@@ -66,21 +66,22 @@ pub(super) struct PythonSide {
 /// Jobs whose pickles are equal byte for byte share a key, so a worker that
 /// has loaded the function for one job (say one `cloud.call`) does not
 /// unpickle it again for the next: the loaded function object is reused, as
-/// it is between the tasks of one map.
+/// it is between the tasks of one map. A pickle is hashed once per job; each
+/// distinct one is kept once while a job uses it.
 #[derive(Debug, Default)]
 struct FunctionKeys {
     /// Key and number of jobs using it, by pickle.
     keys: HashMap<Arc<[u8]>, (u64, usize)>,
-    /// Each job's pickle.
-    jobs: HashMap<u64, Arc<[u8]>>,
+    /// Each job's key and pickle.
+    jobs: HashMap<u64, (u64, Arc<[u8]>)>,
     next: u64,
 }
 
 impl FunctionKeys {
     /// The key of job `seq`'s function `pickle`.
     fn key(&mut self, seq: u64, pickle: &[u8]) -> u64 {
-        if let Some(known) = self.jobs.get(&seq) {
-            return self.keys[known].0;
+        if let Some(&(key, _)) = self.jobs.get(&seq) {
+            return key;
         }
         let shared = match self.keys.get_key_value(pickle) {
             Some((shared, _)) => Arc::clone(shared),
@@ -94,13 +95,13 @@ impl FunctionKeys {
         let entry = self.keys.get_mut(&shared).expect("inserted above");
         entry.1 += 1;
         let key = entry.0;
-        self.jobs.insert(seq, shared);
+        self.jobs.insert(seq, (key, shared));
         key
     }
 
     /// Job `seq` is gone: its pickle is dropped once no job uses it.
     fn forget(&mut self, seq: u64) {
-        let Some(pickle) = self.jobs.remove(&seq) else { return };
+        let Some((_, pickle)) = self.jobs.remove(&seq) else { return };
         if let Some(entry) = self.keys.get_mut(&pickle) {
             entry.1 -= 1;
             if entry.1 == 0 {
@@ -364,7 +365,7 @@ impl Agent {
             2 => PythonStatus::LoadFailed,
             other => return self.break_worker(id, format!("the Python worker sent status {other}")),
         };
-        let failed_key = (status == PythonStatus::LoadFailed).then_some(busy.task.seq);
+        let load_failed = status == PythonStatus::LoadFailed;
         let ended = self.python.probes.get_mut(&id).map_or(TaskUse::UNKNOWN, Probe::task_ends);
         let used = ResourcesUsed {
             cput_ms: ended.cput_ms,
@@ -380,7 +381,7 @@ impl Agent {
                 );
             }
         }
-        self.python.pool.finish(id, failed_key);
+        self.python.pool.finish(id, load_failed);
         self.python.by_task.remove(&busy.task);
         if let Some(store) = self.python.store.as_mut() {
             let uid = self.python.pool.get(id).map_or(0, |w| w.key.uid);
@@ -739,6 +740,8 @@ fn clock_ticks() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
 
     #[test]
     fn equal_pickles_share_a_key_until_no_job_uses_it() {
@@ -759,8 +762,6 @@ mod tests {
         assert!(again != a && again != b, "a new key, never one a worker may still cache for another pickle");
         assert_eq!(keys.key(3, g), b);
     }
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
 
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {
@@ -864,6 +865,7 @@ for line in sys.stdin:
     #[test]
     fn a_probe_measures_each_task_of_a_process_on_its_own() {
         let Some(mut child) = Child::start() else {
+            assert!(std::env::var_os("PICLOUD_REQUIRE_PYTHON").is_none(), "python3 is required here");
             return eprintln!("no python3 here: skipped");
         };
         let dir = tempfile::tempdir().unwrap();

@@ -70,7 +70,7 @@ use tracing::{debug, info, warn};
 use super::durable::{self, Change};
 use super::jobs::{JobRecord, JobTable};
 use super::journal::{self, Journal, JournalError, SyncTicket, Syncer};
-use super::snapshot::{NodeMap, NodeView, ServerFacts, Snapshot, Snapshots, View};
+use super::snapshot::{NodeMap, NodeView, ServerFacts, Snapshot, Snapshots, View, results_refused};
 use super::{Caller, ConnId, Inbound, Outbound, ServerConfig};
 use crate::core::{Core, Decision, Event, NodeId, NodeShape, Phase, Request};
 
@@ -112,6 +112,10 @@ struct AgentLink {
     /// (`AgentMsg::Running`): the core knows the node only after that.
     joining: Option<NodeShape>,
 }
+
+/// Most bytes of outcomes a wait's reply carries; larger ones are replaced
+/// by the jobs' states (see [`WaitReply::Results`]).
+const RESULTS_IN_A_WAIT: usize = picloud_proto::MAX_FRAME_LEN - (1 << 20);
 
 /// A client waiting for jobs to end.
 #[derive(Debug)]
@@ -665,7 +669,21 @@ impl CoreLoop {
     /// Sends the reply to a request of `conn`.
     fn reply(&mut self, conn: ConnId, reply: &ServerReply) {
         let buf = self.outbox.entry(conn).or_default();
+        let start = buf.bytes.len();
         picloud_proto::frame::encode_into(reply, &mut buf.bytes);
+        let len = buf.bytes.len() - start - 4;
+        if len > picloud_proto::MAX_FRAME_LEN {
+            // No client could read it: say so instead.
+            buf.bytes.truncate(start);
+            let message = format!(
+                "the reply would take {len} bytes, over the limit of {} bytes of a frame: ask for less at once",
+                picloud_proto::MAX_FRAME_LEN
+            );
+            picloud_proto::frame::encode_into(
+                &ServerReply::Error(ProtoError::new(ErrorKind::Invalid, message)),
+                &mut buf.bytes,
+            );
+        }
         buf.answers += 1;
     }
 
@@ -774,14 +792,12 @@ impl CoreLoop {
                 }
                 if reply == WaitReply::Results {
                     // Refused now rather than after the wait.
-                    let foreign = jobs
+                    let refusal = jobs
                         .iter()
                         .filter_map(|r| self.jobs.get(r.seq()))
-                        .find(|j| caller.uid != 0 && caller.uid != j.uid);
-                    if let Some(job) = foreign {
-                        let message =
-                            format!("the results of job {} belong to {}", job.id(&self.facts.name), job.user);
-                        return self.error(conn, ErrorKind::PermissionDenied, message);
+                        .find_map(|j| results_refused(j, caller.uid, &self.facts.name));
+                    if let Some(refusal) = refusal {
+                        return self.reply(conn, &ServerReply::Error(refusal));
                     }
                 }
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
@@ -1125,7 +1141,17 @@ impl CoreLoop {
                         }
                         WaitReply::Results => {
                             let refs: Vec<JobRef> = w.refs.iter().copied().filter(ended).collect();
-                            view.results(&refs, w.uid)
+                            let results = view.results(&refs, w.uid);
+                            // Outcomes too large for one frame stay behind:
+                            // the states say the jobs ended, and the client
+                            // fetches their results one job at a time.
+                            let size = bincode::serialized_size(&results).unwrap_or(u64::MAX);
+                            if size > RESULTS_IN_A_WAIT as u64 {
+                                let jobs = w.refs.iter().flat_map(|r| view.infos_of(r)).collect();
+                                ServerReply::Jobs { jobs, unknown: Vec::new() }
+                            } else {
+                                results
+                            }
                         }
                     };
                     self.reply(w.conn, &reply);

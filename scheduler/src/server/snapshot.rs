@@ -224,9 +224,8 @@ impl View<'_> {
         ServerReply::Jobs { jobs, unknown }
     }
 
-    /// Task outcomes, for their owner (or root) only: a function's value is
-    /// its owner's data.
-    /// The outcomes of `refs`' tasks, for `uid` (their owner or root).
+    /// The outcomes of `refs`' tasks, for `uid`: their owner (or root) only,
+    /// since a function's value is its owner's data.
     pub(crate) fn results(&self, refs: &[JobRef], uid: u32) -> ServerReply {
         let server = &self.facts.name;
         let name = |n| self.node_name(n);
@@ -237,11 +236,8 @@ impl View<'_> {
                 unknown.push(*r);
                 continue;
             };
-            if uid != 0 && uid != job.uid {
-                return ServerReply::Error(ProtoError::new(
-                    ErrorKind::PermissionDenied,
-                    format!("the results of job {} belong to {}", job.id(server), job.user),
-                ));
+            if let Some(refusal) = results_refused(job, uid, server) {
+                return ServerReply::Error(refusal);
             }
             match (r, &job.spec.array) {
                 (JobRef::Task(_, i), _) => results.push(job.task_result(Some(*i), server, &name)),
@@ -297,4 +293,15 @@ impl View<'_> {
             state_dir: self.facts.state_dir.clone(),
         }
     }
+}
+
+/// Why `uid` may not read the outcomes of `job`, if it may not: only the
+/// job's owner and root may.
+pub(crate) fn results_refused(job: &JobRecord, uid: u32, server: &str) -> Option<ProtoError> {
+    (uid != 0 && uid != job.uid).then(|| {
+        ProtoError::new(
+            ErrorKind::PermissionDenied,
+            format!("the results of job {} belong to {}", job.id(server), job.user),
+        )
+    })
 }

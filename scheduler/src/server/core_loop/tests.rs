@@ -356,6 +356,31 @@ fn a_wait_for_results_carries_the_outcomes_of_the_ended_jobs() {
 }
 
 #[test]
+fn outcomes_too_large_for_one_reply_are_replaced_by_the_states() {
+    let mut h = Harness::with_agent(2);
+    let (seq, _) = h.submit(spec(None));
+    h.batch(vec![request(wait(&[seq], WaitUntil::All, WaitReply::Results))]);
+    let mut end = finished(seq, None, 0);
+    end.outcome = Some(Box::new(picloud_proto::PythonOutcome {
+        status: picloud_proto::PythonStatus::Returned,
+        value: vec![7; RESULTS_IN_A_WAIT + 1],
+        error: String::new(),
+        traceback: String::new(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        segments: Vec::new(),
+    }));
+    let sent = h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![end]) }]);
+    match &sent.replies[..] {
+        [(ServerReply::Jobs { jobs, .. }, _)] => {
+            assert_eq!(jobs[0].task.seq, seq);
+            assert_eq!(jobs[0].state, JobState::Finished);
+        }
+        other => panic!("expected the states, got {} replies", other.len()),
+    }
+}
+
+#[test]
 fn a_wait_for_another_users_results_is_refused_at_once() {
     let mut h = Harness::with_agent(2);
     let (seq, _) = h.submit(spec(None));
