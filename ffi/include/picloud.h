@@ -751,6 +751,26 @@ int picloud_client_results(struct picloud_client *client,
                            struct picloud_results **out);
 
 /**
+ * Waits until task `index` of job `seq` has ended (the whole job, every
+ * task of an array, with `index` -1) and fetches its outcome in the same
+ * request, as `picloud_client_results` would after the wait: a map's
+ * elements can be read one by one as they end, without polling. Only the
+ * job's owner (or root) may (`PICLOUD_ERR_PERMISSION_DENIED`, at once).
+ * `timeout_ms` is -1 to wait for ever, else a limit in milliseconds
+ * (`PICLOUD_ERR_TIMEOUT`; the job goes on, `*out` is left alone). A job the
+ * server forgot meanwhile is `PICLOUD_ERR_UNKNOWN_JOB`. Free `*out` with
+ * `picloud_results_free`.
+ *
+ * # Safety
+ * `out` points to writable memory for a pointer.
+ */
+int picloud_client_wait_task(struct picloud_client *client,
+                             uint64_t seq,
+                             int32_t index,
+                             int64_t timeout_ms,
+                             struct picloud_results **out);
+
+/**
  * `*len_out` = the number of tasks in `results`.
  *
  * # Safety

@@ -11,7 +11,9 @@
 
 use std::ffi::{c_char, c_int};
 
-use picloud_proto::{ClientRequest, JobState, PythonStatus, ResourcesUsed, ServerReply, TaskResult};
+use picloud_proto::{
+    ClientRequest, JobState, PythonStatus, ResourcesUsed, ServerReply, TaskResult, WaitReply, WaitUntil,
+};
 
 use crate::args::{CStruct, check_out, check_sized_out, write_out};
 use crate::client::{client_of, job_ref, picloud_client, picloud_state, unexpected};
@@ -253,6 +255,62 @@ pub unsafe extern "C" fn picloud_client_results(
             }
             ServerReply::Results { results, .. } => Ok(results),
             other => Err(unexpected("a results request", &other)),
+        })?;
+        // SAFETY: checked by check_out; writable by the caller's promise.
+        unsafe { write_out(out, stored(tasks)) };
+        Ok(())
+    })
+}
+
+/// Waits until task `index` of job `seq` has ended (the whole job, every
+/// task of an array, with `index` -1) and fetches its outcome in the same
+/// request, as `picloud_client_results` would after the wait: a map's
+/// elements can be read one by one as they end, without polling. Only the
+/// job's owner (or root) may (`PICLOUD_ERR_PERMISSION_DENIED`, at once).
+/// `timeout_ms` is -1 to wait for ever, else a limit in milliseconds
+/// (`PICLOUD_ERR_TIMEOUT`; the job goes on, `*out` is left alone). A job the
+/// server forgot meanwhile is `PICLOUD_ERR_UNKNOWN_JOB`. Free `*out` with
+/// `picloud_results_free`.
+///
+/// # Safety
+/// `out` points to writable memory for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn picloud_client_wait_task(
+    client: *mut picloud_client,
+    seq: u64,
+    index: i32,
+    timeout_ms: i64,
+    out: *mut *mut picloud_results,
+) -> c_int {
+    boundary(|| {
+        let c = client_of(client)?;
+        check_out(out, "out")?;
+        let r = job_ref(seq, index)?;
+        let deadline = match timeout_ms {
+            -1 => None,
+            t if t >= 0 => Some(std::time::Instant::now() + std::time::Duration::from_millis(t as u64)),
+            t => return Err(FfiError::invalid(format_args!("timeout_ms {t}: use -1 (no limit) or >= 0"))),
+        };
+        let request = |left: Option<std::time::Duration>| ClientRequest::Wait {
+            jobs: vec![r],
+            timeout_ms: left.map(|t| t.as_millis() as u64),
+            until: WaitUntil::All,
+            reply: WaitReply::Results,
+        };
+        let forgotten =
+            || FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("job {r} was forgotten by the server"));
+        let tasks = c.with(|client| {
+            match client.request_reconnecting(picloud_proto::client::RECONNECT_WINDOW, deadline, request)? {
+                ServerReply::Results { unknown, .. } if !unknown.is_empty() => Err(forgotten()),
+                ServerReply::Results { results, .. } => Ok(results),
+                // Too large for the wait's reply: fetched on its own.
+                ServerReply::Jobs { .. } => match client.request(&ClientRequest::Results(vec![r]))? {
+                    ServerReply::Results { unknown, .. } if !unknown.is_empty() => Err(forgotten()),
+                    ServerReply::Results { results, .. } => Ok(results),
+                    other => Err(unexpected("a results request", &other)),
+                },
+                other => Err(unexpected("a wait for results", &other)),
+            }
         })?;
         // SAFETY: checked by check_out; writable by the caller's promise.
         unsafe { write_out(out, stored(tasks)) };

@@ -65,8 +65,10 @@ class Session:
         self.job_segments = {}
         # Result segments mapped here, by name (held until delete()).
         self.result_segments = {}
-        # The tasks of ended jobs, by sequence number (outcomes never change).
+        # The tasks of ended jobs, by sequence number (outcomes never change),
+        # and single ended tasks of jobs still running, by (seq, index).
         self.ended = {}
+        self.ended_tasks = {}
         self.cache_lock = threading.Lock()
         # Elements per task of each chunked map job, by sequence number: kept
         # per cluster address, so jids stay readable after init() to it again.

@@ -477,10 +477,11 @@ def _unpack(handle):
 
 
 
-def _tasks(s, seq, refresh=False):
+def _tasks(s, seq):
+    """Every task of job ``seq``: cached once the job has ended, else fetched."""
     with s.cache_lock:
         tasks = s.ended.get(seq)
-    if tasks is None or refresh:
+    if tasks is None:
         tasks = _fetch(s, seq)
         if all(t.exit_status is not None for t in tasks):
             _keep(s, seq, tasks)
@@ -658,24 +659,33 @@ def iresult(jids, timeout=None, ignore_errors=False):
     jids, _ = _as_list(jids)
     s = session()
     deadline = None if timeout is None else time.monotonic() + timeout
-    i = 0
-    while i < len(jids):
-        seq = jids[i].seq
-        delay = 0.001
-        while True:
-            tasks = _tasks(s, seq, refresh=True)
-            ready = []
-            while i < len(jids) and jids[i].seq == seq and tasks[_task_index(jids[i]) or 0].exit_status is not None:
-                ready.append(jids[i])
-                i += 1
-            for j in ready:
-                yield _value(s, j, tasks[_task_index(j) or 0], ignore_errors)
-            if i >= len(jids) or jids[i].seq != seq:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise CloudTimeoutError(f"timed out after {timeout} s; the jobs go on")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    for j in jids:
+        yield _value(s, j, _ended_task(s, j, deadline), ignore_errors)
+
+
+def _ended_task(s, jid, deadline):
+    """The task that runs ``jid``, once it has ended: from the caches, or
+    waited for (until ``deadline``, a ``time.monotonic()``) and fetched in one
+    request, then cached."""
+    index = _task_index(jid)
+    key = (jid.seq, -1 if index is None else index)
+    with s.cache_lock:
+        tasks = s.ended.get(jid.seq)
+        if tasks is not None:
+            return tasks[index or 0]
+        task = s.ended_tasks.get(key)
+    if task is not None:
+        return task
+    out = ffi.new("picloud_results **")
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    _sliced(timeout, 1, lambda ms: lib.picloud_client_wait_task(s.client(), key[0], key[1], ms, out))
+    tasks = [t for _, t in _unpack(out[0])]
+    if index is None:
+        _keep(s, jid.seq, tasks)
+        return tasks[0]
+    with s.cache_lock:
+        s.ended_tasks[key] = tasks[0]
+    return tasks[0]
 
 
 def join(jids, timeout=None, ignore_errors=False):
@@ -731,8 +741,11 @@ def info(jids, info_requested=None):
         raise ValueError(f"unknown info {unknown}; known: {', '.join(_INFO)}")
     s = session()
     out = {}
+    fetched = {}        # each job's tasks fetched once per call
     for j in jids:
-        tasks = _tasks(s, j.seq, refresh=True)
+        tasks = fetched.get(j.seq)
+        if tasks is None:
+            tasks = fetched[j.seq] = _tasks(s, j.seq)
         t = tasks[_task_index(j) or 0]
         element_error = _element_error(j, t)
         full = {
@@ -777,6 +790,8 @@ def delete(jids):
     for seq in {j.seq for j in jids}:
         with s.cache_lock:
             tasks = s.ended.pop(seq, None)
+            for key in [k for k in s.ended_tasks if k[0] == seq]:
+                tasks = (tasks or []) + [s.ended_tasks.pop(key)]
         s.job_segments.pop(seq, None)
         for t in tasks or ():
             for name in t.segments:

@@ -221,6 +221,25 @@ def test_function_from_a_module_workers_cannot_import(cluster, tmp_path):
     assert cloud.result(cloud.map(scratch.times, [1, 2, 3])) == [7, 14, 21]
 
 
+def test_iresult_yields_each_element_as_it_ends(cluster):
+    def slow_for_one(x):
+        import time
+
+        time.sleep(3 * x)
+        return x
+
+    jids = cloud.map(slow_for_one, [0, 1], _chunksize=1)
+    started = time.monotonic()
+    it = cloud.iresult(jids)
+    assert next(it) == 0
+    first = time.monotonic() - started
+    assert first < 2.5, f"the first element waited for the second: {first:.1f} s"
+    with pytest.raises(cloud.CloudTimeoutError):
+        list(cloud.iresult(jids[1:], timeout=0.3))
+    assert next(it) == 1
+    assert time.monotonic() - started >= 2.5
+
+
 def test_jids_of_a_chunked_map_stay_readable_after_init_to_the_same_cluster(cluster):
     jids = cloud.map(lambda x: x * 3, range(600))     # chunked: 600 > 256 elements
     cloud.init(cluster.dir)

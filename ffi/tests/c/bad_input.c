@@ -258,6 +258,19 @@ static void results(picloud_client *client) {
     EXPECT(PICLOUD_OK, picloud_results_len(r, &len));
     CHECK(len == 0);
     EXPECT(PICLOUD_OK, picloud_results_free(r));
+    /* Waiting for one job or task, with its results. */
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_wait_task(client, seq, -1, 0, NULL));
+    EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_wait_task(client, seq, -2, 0, &r));
+    EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_wait_task(client, seq, -1, -5, &r));
+    EXPECT(PICLOUD_ERR_UNKNOWN_JOB, picloud_client_wait_task(client, unknown, -1, 0, &r));
+    EXPECT(PICLOUD_ERR_UNKNOWN_JOB, picloud_client_wait_task(client, seq, 4, 0, &r)); /* not an array */
+    r = NULL;
+    EXPECT(PICLOUD_OK, picloud_client_wait_task(client, seq, -1, 1000, &r));
+    EXPECT(PICLOUD_OK, picloud_results_len(r, &len));
+    CHECK(len == 1);
+    EXPECT(PICLOUD_OK, picloud_results_get(r, 0, &t));
+    CHECK(t.seq == seq && t.has_exit_status && t.exit_status == 0);
+    EXPECT(PICLOUD_OK, picloud_results_free(r));
     /* A timeout leaves *out alone and says which had ended. */
     const char *sleeper[] = {"sleep", "30"};
     uint64_t pair[2] = {seq, 0};
@@ -270,7 +283,14 @@ static void results(picloud_client *client) {
     EXPECT(PICLOUD_OK, picloud_results_len(r, &len));
     CHECK(len == 1);
     EXPECT(PICLOUD_OK, picloud_results_free(r));
+    r = NULL;
+    EXPECT(PICLOUD_ERR_TIMEOUT, picloud_client_wait_task(client, pair[1], -1, 100, &r));
+    CHECK(r == NULL);
     EXPECT(PICLOUD_OK, picloud_client_cancel(client, pair[1], -1));
+    EXPECT(PICLOUD_OK, picloud_client_wait_task(client, pair[1], -1, 30000, &r));
+    EXPECT(PICLOUD_OK, picloud_results_get(r, 0, &t));
+    CHECK(t.has_exit_status && t.exit_status == 265);
+    EXPECT(PICLOUD_OK, picloud_results_free(r));
 }
 
 static void segments(const char *dir) {
