@@ -8,11 +8,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_main};
-use crossbeam_channel::Receiver;
 use picloud_nodeagent::workers::{PoolKey, WorkerEvent, WorkerId, WorkerPool};
 use picloud_proto::TaskId;
 use picloud_proto::local_wire::LocalMsg;
@@ -21,7 +19,6 @@ const ARRAY_BYTES: u64 = 1 << 30;
 
 struct Bench {
     pool: WorkerPool,
-    events: Receiver<WorkerEvent>,
     worker: WorkerId,
     seq: u64,
 }
@@ -34,17 +31,34 @@ impl Bench {
         let tag =
             self.pool.dispatch(self.worker, task, function_key, function, args, "/", &[], false).unwrap();
         loop {
-            match self.events.recv_timeout(Duration::from_secs(60)).expect("the worker answers") {
-                WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, result, error, .. }) if t == tag => {
-                    assert_eq!(status, 0, "task failed: {error}");
-                    self.pool.finish(self.worker, false);
-                    return result;
+            for event in next_events(&mut self.pool, self.worker) {
+                match event {
+                    WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, result, error, .. })
+                        if t == tag =>
+                    {
+                        assert_eq!(status, 0, "task failed: {error}");
+                        self.pool.finish(self.worker, false);
+                        return result;
+                    }
+                    WorkerEvent::Message(_, LocalMsg::Ready { .. }) => {}
+                    other => panic!("unexpected {other:?}"),
                 }
-                WorkerEvent::Message(_, LocalMsg::Ready { .. }) => {}
-                other => panic!("unexpected {other:?}"),
             }
         }
     }
+}
+
+/// Waits (up to a minute) until `worker`'s socket is readable, as the
+/// agent's main loop does, and returns what it said.
+fn next_events(pool: &mut WorkerPool, worker: WorkerId) -> Vec<WorkerEvent> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    {
+        let (_, fd) = pool.readable().find(|(id, _)| *id == worker).expect("the worker is alive");
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::try_from(60_000).unwrap()).expect("poll");
+        assert!(ready > 0, "the worker answers within a minute");
+    }
+    pool.read(worker)
 }
 
 fn workers(c: &mut Criterion) {
@@ -68,9 +82,8 @@ fn workers(c: &mut Criterion) {
     let (noop, sum, noargs, array) =
         (read("noop.pkl"), read("sum.pkl"), read("noargs.bin"), read("array.bin"));
 
-    let (tx, events) = crossbeam_channel::unbounded();
     let python = root.join("python").canonicalize().unwrap().display().to_string();
-    let mut pool = WorkerPool::new(1, Some(python), Arc::new(move |e| drop(tx.send(e))));
+    let mut pool = WorkerPool::new(1, Some(python));
     let key = PoolKey {
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),
@@ -79,7 +92,7 @@ fn workers(c: &mut Criterion) {
         mem_limit: None,
     };
     let (worker, _) = pool.acquire(&key, &[0], &mut |_| Ok(Box::new(()))).unwrap();
-    let mut b = Bench { pool, events, worker, seq: 0 };
+    let mut b = Bench { pool, worker, seq: 0 };
     // Warm up: the worker loads both functions once.
     b.round_trip(1, &noop, &noargs);
     b.round_trip(2, &sum, &array);

@@ -7,14 +7,18 @@
 //!    the agent's threads and, through them, its jobs inherit;
 //! 2. connect, send [`Hello`] with the node's [`NodeInfo`], and read the
 //!    server's [`ToAgent::Welcome`] (or its [`ServerReply::Error`]);
-//! 3. start three threads that turn outside happenings into events on one
-//!    channel: the *reader* decodes [`ToAgent`] frames, the *reaper* reaps
-//!    children with their resource usage, the *signal* thread
-//!    relays SIGTERM and SIGINT caught by a handler;
+//! 3. start two threads that turn outside happenings into events on one
+//!    channel: the *reaper* reaps children with their resource usage, the
+//!    *signal* thread relays SIGTERM and SIGINT caught by a handler (local
+//!    clients of `agent.sock` have threads of their own too);
 //! 4. run the main loop, which alone owns all state (job definitions, running
-//!    tasks, timers): it waits for an event or the next timer, drains every
-//!    event already queued, and then writes at most one `Started` and one
-//!    `Finished` frame, so that under load many task ends share a frame;
+//!    tasks, timers). It handles every event already queued; with none, it
+//!    sleeps in `poll` on the server's socket, its Python workers' sockets
+//!    and a wake-up socket the helper threads write to, until one of them or
+//!    the next timer is due. It reads the server and the workers itself, so
+//!    a message costs no switch to another thread. Then it writes at most one
+//!    `Started` and one `Finished` frame, so that under load many task ends
+//!    share a frame;
 //! 5. on [`ToAgent::Shutdown`] or a signal, terminate every task's process
 //!    group (SIGTERM, then SIGKILL after the grace period), reap them, stop
 //!    the threads, remove the spool files, and return.
@@ -48,6 +52,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
@@ -231,12 +236,10 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
     // Step 3.
     let thread_err = |name| move |error| AgentError::Thread { name, error };
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    let reader_conn = conn.try_clone().map_err(connect_err)?;
-    let tx = events_tx.clone();
-    let reader = std::thread::Builder::new()
-        .name("agent-reader".into())
-        .spawn(move || read_loop(reader_conn, frames, tx, 0))
-        .map_err(thread_err("reader"));
+    let incoming = Incoming { conn: conn.try_clone().map_err(connect_err)?, frames };
+    let (wake_tx, wake_rx) = UnixStream::pair().map_err(thread_err("wake-up socket"))?;
+    wake_rx.set_nonblocking(true).map_err(thread_err("wake-up socket"))?;
+    let events_tx = Events::new(events_tx, wake_tx).map_err(thread_err("wake-up socket"))?;
     let (spawned_tx, spawned_rx) = crossbeam_channel::unbounded();
     let spawn_lock = Arc::new(Mutex::new(()));
     let (lock, tx) = (spawn_lock.clone(), events_tx.clone());
@@ -245,12 +248,12 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
         .spawn(move || reap_loop(&lock, &spawned_rx, &tx))
         .map_err(thread_err("reaper"));
     let signals = SignalThread::start(events_tx.clone());
-    let (reader, reaper, signals) = match (reader, reaper, signals) {
-        (Ok(a), Ok(b), Ok(c)) => (a, b, c),
-        (a, b, c) => {
-            // Unblocks the reader; the reaper ends with its channel.
+    let (reaper, signals) = match (reaper, signals) {
+        (Ok(b), Ok(c)) => (b, c),
+        (b, c) => {
+            // The reaper ends with its channel.
             conn.shutdown();
-            let first_err = [a.err(), b.err(), c.err()].into_iter().flatten().next();
+            let first_err = [b.err(), c.err()].into_iter().flatten().next();
             return Err(first_err.expect("one thread failed to start"));
         }
     };
@@ -264,11 +267,7 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
             None
         }
     });
-    let mut pool = crate::workers::WorkerPool::new(
-        node.cores.len().max(1),
-        config.python_path.clone(),
-        python::sink(events_tx.clone()),
-    );
+    let mut pool = crate::workers::WorkerPool::new(node.cores.len().max(1), config.python_path.clone());
     if let Some(store) = &store {
         pool.set_shm_dir(store.config().dir.clone());
     }
@@ -285,30 +284,25 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
     let python = python::PythonSide::new(pool, store);
     let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx, python);
     agent.cgroups = cgroups;
-    agent.link = Some(Link { server: addr.clone(), node: node.clone(), events: events_tx });
-    agent.readers.push(reader);
+    agent.link = Some(Link { server: addr.clone(), node: node.clone() });
+    agent.incoming = Some(incoming);
+    agent.wake = Some(wake_rx);
     // Nothing runs yet: the server may now start tasks here.
     agent.send_running();
     agent.run(&events_rx);
     agent.stop_workers(&events_rx);
 
     // Step 5.
-    let mut readers = std::mem::take(&mut agent.readers);
     agent.link = None;
     let reaped_all = agent.tasks.is_empty();
     agent.launcher.cleanup();
     if let Some(cgroups) = &agent.cgroups {
         cgroups.remove_base();
     }
-    // Shutting down any handle of the socket wakes the reader.
     agent.writer.get_ref().shutdown();
     drop(agent);
+    drop(events_tx);
     signals.stop();
-    for reader in std::mem::take(&mut readers) {
-        if reader.join().is_err() {
-            warn!("the reader thread panicked");
-        }
-    }
     if reaped_all {
         // Without children and with its notice channel closed, it returns.
         if reaper.join().is_err() {
@@ -370,6 +364,15 @@ impl Conn {
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
         };
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Conn::Unix(s) => s.as_fd(),
+            Conn::Tcp(s) => s.as_fd(),
+        }
     }
 }
 
@@ -446,19 +449,12 @@ fn handshake(
 /// What the helper threads tell the main loop.
 #[derive(Debug)]
 enum Event {
-    /// A message from the server.
-    Server(ToAgent),
-    /// The connection of this generation ended: cleanly (`None`) or with
-    /// an error.
-    ServerGone(u64, Option<String>),
     /// A child was reaped.
     Exited(Exit),
     /// SIGTERM or SIGINT arrived.
     Signal(Signal),
     /// A helper thread panicked.
     ThreadDied(&'static str),
-    /// A Python worker said something, or its connection ended.
-    Worker(crate::workers::WorkerEvent),
     /// A local client (`agent.sock`) connected, asked, or left.
     Local(python::LocalEvent),
 }
@@ -475,55 +471,48 @@ struct Exit {
     maxrss: u64,
 }
 
+/// The helper threads' end of the main loop's channel: each event also
+/// writes a byte to the wake-up socket the main loop polls.
+#[derive(Clone)]
+struct Events {
+    tx: Sender<Event>,
+    wake: Arc<UnixStream>,
+}
+
+impl Events {
+    /// A channel whose receiving end is woken through `wake` (non-blocking:
+    /// when it is full, the main loop has a wake-up pending already).
+    fn new(tx: Sender<Event>, wake: UnixStream) -> io::Result<Self> {
+        wake.set_nonblocking(true)?;
+        Ok(Self { tx, wake: Arc::new(wake) })
+    }
+
+    /// Queues `event` and wakes the main loop; false once the main loop is gone.
+    fn send(&self, event: Event) -> bool {
+        if self.tx.send(event).is_err() {
+            return false;
+        }
+        let _ = (&*self.wake).write(&[1]);
+        true
+    }
+}
+
 /// Tells the main loop when the thread holding it unwinds from a panic.
 struct PanicNotice<'a> {
     name: &'static str,
-    events: &'a Sender<Event>,
+    events: &'a Events,
 }
 
 impl Drop for PanicNotice<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let _ = self.events.send(Event::ThreadDied(self.name));
-        }
-    }
-}
-
-/// The reader thread: decodes frames until the connection (the agent's
-/// `generation`th) ends.
-fn read_loop(mut conn: Conn, mut frames: FrameReader, events: Sender<Event>, generation: u64) {
-    let _notice = PanicNotice { name: "reader", events: &events };
-    let mut buf = vec![0u8; 64 * 1024];
-    let gone = |reason: Option<String>| {
-        let _ = events.send(Event::ServerGone(generation, reason));
-    };
-    loop {
-        loop {
-            match frames.next_payload() {
-                Ok(Some(payload)) => match decode::<ToAgent>(payload) {
-                    Ok(msg) => {
-                        if events.send(Event::Server(msg)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => return gone(Some(format!("undecodable message from the server: {e}"))),
-                },
-                Ok(None) => break,
-                Err(e) => return gone(Some(e.to_string())),
-            }
-        }
-        match conn.read(&mut buf) {
-            Ok(0) if frames.has_partial() => return gone(Some(FrameError::Truncated.to_string())),
-            Ok(0) => return gone(None),
-            Ok(n) => frames.push(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return gone(Some(e.to_string())),
+            self.events.send(Event::ThreadDied(self.name));
         }
     }
 }
 
 /// The reaper thread (see the module documentation).
-fn reap_loop(spawn_lock: &Mutex<()>, spawned: &Receiver<()>, events: &Sender<Event>) {
+fn reap_loop(spawn_lock: &Mutex<()>, spawned: &Receiver<()>, events: &Events) {
     let _notice = PanicNotice { name: "reaper", events };
     loop {
         // 1. Sleep until some child has exited, without reaping it.
@@ -548,7 +537,7 @@ fn reap_loop(spawn_lock: &Mutex<()>, spawned: &Receiver<()>, events: &Sender<Eve
         loop {
             match wait_any_nohang() {
                 Ok(Some(exit)) => {
-                    if events.send(Event::Exited(exit)).is_err() {
+                    if !events.send(Event::Exited(exit)) {
                         return;
                     }
                 }
@@ -603,7 +592,7 @@ struct SignalThread {
 }
 
 impl SignalThread {
-    fn start(events: Sender<Event>) -> Result<Self, AgentError> {
+    fn start(events: Events) -> Result<Self, AgentError> {
         let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
             .map_err(|error| AgentError::Thread { name: "signal", error })?;
         let control = signals.handle();
@@ -613,7 +602,7 @@ impl SignalThread {
                 let _notice = PanicNotice { name: "signal", events: &events };
                 for raw in signals.forever() {
                     let Ok(sig) = Signal::try_from(raw) else { continue };
-                    if events.send(Event::Signal(sig)).is_err() {
+                    if !events.send(Event::Signal(sig)) {
                         return;
                     }
                 }
@@ -706,10 +695,10 @@ struct Agent {
     python: python::PythonSide,
     /// What connecting again needs (`None` in tests and once stopping).
     link: Option<Link>,
-    /// The reader threads started so far (one per connection).
-    readers: Vec<JoinHandle<()>>,
-    /// The current connection's number; readers of older ones are ignored.
-    generation: u64,
+    /// The server connection's reading side, while connected.
+    incoming: Option<Incoming>,
+    /// The wake-up socket's reading end (`None` in tests that feed events).
+    wake: Option<UnixStream>,
     /// While the server is lost: when to try connecting again, and the
     /// pause after that attempt.
     reconnect: Option<(Instant, Duration)>,
@@ -723,8 +712,13 @@ struct Agent {
 struct Link {
     server: ServerAddr,
     node: NodeInfo,
-    /// For the reader threads of later connections.
-    events: Sender<Event>,
+}
+
+/// What the main loop reads the server from.
+struct Incoming {
+    conn: Conn,
+    /// Bytes of frames not yet whole.
+    frames: FrameReader,
 }
 
 impl Agent {
@@ -754,8 +748,8 @@ impl Agent {
             cgroups: None,
             python,
             link: None,
-            readers: Vec::new(),
-            generation: 0,
+            incoming: None,
+            wake: None,
             reconnect: None,
             last_write: Instant::now(),
             placed: HashMap::new(),
@@ -764,6 +758,9 @@ impl Agent {
 
     /// Handles events and timers until shutdown is complete.
     fn run(&mut self, events: &Receiver<Event>) {
+        // Frames that came with the welcome.
+        self.read_server();
+        self.flush();
         loop {
             let deadline = self
                 .timers
@@ -774,25 +771,12 @@ impl Agent {
                 .chain(self.reconnect.map(|(at, _)| at))
                 .chain(self.heartbeat_due())
                 .min();
-            let first = match deadline {
-                Some(at) => events.recv_deadline(at),
-                None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            match first {
-                Ok(event) => {
-                    self.handle(event);
-                    for event in events.try_iter().take(MAX_BATCH) {
-                        self.handle(event);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    // Every helper thread is gone: no exit can be learnt any more.
-                    warn!("all event sources are gone; killing the remaining tasks");
-                    self.kill_all_now();
-                    self.flush();
-                    return;
-                }
+            if self.next_events(events, deadline).is_err() {
+                // Every helper thread is gone: no exit can be learnt any more.
+                warn!("all event sources are gone; killing the remaining tasks");
+                self.kill_all_now();
+                self.flush();
+                return;
             }
             self.fire_timers(Instant::now());
             self.reconnect_if_due();
@@ -810,18 +794,162 @@ impl Agent {
         }
     }
 
+    /// Handles the events already queued; with none, sleeps until the
+    /// server, a worker or a helper thread has something, or until
+    /// `deadline`, and handles that. Fails once every sender is gone.
+    fn next_events(&mut self, events: &Receiver<Event>, deadline: Option<Instant>) -> Result<(), ()> {
+        if self.drain(events)? {
+            return Ok(());
+        }
+        if self.wake.is_none() {
+            // Fed by the channel alone (tests).
+            let first = match deadline {
+                Some(at) => events.recv_deadline(at),
+                None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            return match first {
+                Ok(event) => {
+                    self.handle(event);
+                    self.drain(events).map(drop)
+                }
+                Err(RecvTimeoutError::Timeout) => Ok(()),
+                Err(RecvTimeoutError::Disconnected) => Err(()),
+            };
+        }
+        self.poll_sockets(deadline);
+        self.drain(events).map(drop)
+    }
+
+    /// Handles up to [`MAX_BATCH`] queued events; says whether there were any.
+    fn drain(&mut self, events: &Receiver<Event>) -> Result<bool, ()> {
+        let mut any = false;
+        for _ in 0..MAX_BATCH {
+            match events.try_recv() {
+                Ok(event) => {
+                    self.handle(event);
+                    any = true;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return Err(()),
+            }
+        }
+        Ok(any)
+    }
+
+    /// Sleeps in `poll` on the wake-up socket, the server's and the
+    /// workers' until one is readable or `deadline` passes, then reads them.
+    fn poll_sockets(&mut self, deadline: Option<Instant>) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                // Rounded up, so that the loop does not spin before `at`.
+                let ms = at.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000);
+                PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::NONE)
+            }
+        };
+        let (wake_ready, server_ready, workers_ready) = {
+            let Some(wake) = &self.wake else { return };
+            let mut fds = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+            let server = self.incoming.as_ref().map(|i| {
+                fds.push(PollFd::new(i.conn.as_fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let mut workers = Vec::new();
+            for (id, fd) in self.python.pool.readable() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                workers.push(id);
+            }
+            match poll(&mut fds, timeout) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(Errno::EINTR) => return,
+                Err(e) => {
+                    // Not expected; the next turn tries again.
+                    warn!("poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    return;
+                }
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            let first_worker = fds.len() - workers.len();
+            let workers_ready: Vec<_> = workers
+                .into_iter()
+                .zip(&fds[first_worker..])
+                .filter(|(_, fd)| ready(fd))
+                .map(|(id, _)| id)
+                .collect();
+            (ready(&fds[0]), server.is_some_and(|i| ready(&fds[i])), workers_ready)
+        };
+        if wake_ready {
+            let mut buf = [0u8; 256];
+            let wake = self.wake.as_ref().expect("polled above");
+            while matches!((&*wake).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        if server_ready {
+            self.read_server();
+        }
+        for id in workers_ready {
+            for event in self.python.pool.read(id) {
+                self.on_worker(event);
+            }
+        }
+    }
+
+    /// Reads what the server has sent, without blocking, and handles every
+    /// whole message; a closed or broken connection counts as the server lost.
+    fn read_server(&mut self) {
+        let Some(incoming) = &mut self.incoming else { return };
+        let mut buf = [0u8; 64 * 1024];
+        let mut gone = None;
+        loop {
+            match nix::sys::socket::recv(
+                incoming.conn.as_fd().as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) if incoming.frames.has_partial() => {
+                    break gone = Some(Some(FrameError::Truncated.to_string()));
+                }
+                Ok(0) => break gone = Some(None),
+                Ok(n) => incoming.frames.push(&buf[..n]),
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => {}
+                Err(e) => break gone = Some(Some(io::Error::from(e).to_string())),
+            }
+        }
+        let mut messages = Vec::new();
+        loop {
+            match incoming.frames.next_payload() {
+                Ok(Some(payload)) => match decode::<ToAgent>(payload) {
+                    Ok(msg) => messages.push(msg),
+                    Err(e) => {
+                        gone = Some(Some(format!("undecodable message from the server: {e}")));
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    gone = Some(Some(e.to_string()));
+                    break;
+                }
+            }
+        }
+        for msg in messages {
+            self.on_message(msg);
+        }
+        if let Some(reason) = gone {
+            match &reason {
+                None => info!("the server closed the connection"),
+                Some(e) => warn!("lost the connection to the server: {e}"),
+            }
+            self.server_lost();
+        }
+    }
+
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Server(msg) => self.on_message(msg),
             Event::Exited(exit) => self.on_exit(exit),
-            Event::ServerGone(generation, _) if generation != self.generation => {}
-            Event::ServerGone(_, reason) => {
-                match &reason {
-                    None => info!("the server closed the connection"),
-                    Some(e) => warn!("lost the connection to the server: {e}"),
-                }
-                self.server_lost();
-            }
             Event::Signal(sig) => {
                 if self.shutdown_deadline.is_some() {
                     info!("{sig} again: killing every task now");
@@ -835,7 +963,6 @@ impl Agent {
                 warn!("the agent's {name} thread panicked");
                 self.begin_shutdown(&format!("node agent failed (its {name} thread panicked)"));
             }
-            Event::Worker(event) => self.on_worker(event),
             Event::Local(event) => self.on_local(event),
         }
     }
@@ -1151,6 +1278,7 @@ impl Agent {
             return;
         }
         self.server_up = false;
+        self.incoming = None;
         self.writer.get_ref().shutdown();
         if self.link.is_none() {
             self.begin_shutdown("the node agent lost its server");
@@ -1186,20 +1314,7 @@ impl Agent {
             });
         match attempt {
             Ok((conn, reader_conn, server_name, frames)) => {
-                self.generation += 1;
-                let (tx, generation) = (link.events.clone(), self.generation);
-                let reader = std::thread::Builder::new()
-                    .name("agent-reader".into())
-                    .spawn(move || read_loop(reader_conn, frames, tx, generation));
-                match reader {
-                    Ok(reader) => self.readers.push(reader),
-                    Err(e) => {
-                        warn!("cannot start a reader thread: {e}");
-                        conn.shutdown();
-                        self.reconnect = Some((Instant::now() + pause, (pause * 2).min(RECONNECT_MAX_PAUSE)));
-                        return;
-                    }
-                }
+                self.incoming = Some(Incoming { conn: reader_conn, frames });
                 info!(server = %server_name, tasks = self.tasks.len(), ends = self.finished.len(), "connected again");
                 self.writer = BufWriter::with_capacity(64 * 1024, conn);
                 self.server_up = true;
@@ -1208,6 +1323,8 @@ impl Agent {
                 // the ends before it compares what it expects here.
                 self.flush();
                 self.send_running();
+                // Frames that came with the welcome.
+                self.read_server();
             }
             Err(e) => {
                 debug!("cannot connect again yet: {e}");

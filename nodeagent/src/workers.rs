@@ -2,10 +2,11 @@
 //! agent starts once and hands task after task (see `docs/workers.md`).
 //!
 //! A [`WorkerPool`] owns the workers of every user and interpreter on this
-//! node. It is driven by one thread (the agent's main loop), and learns what
-//! its workers say through a *sink*: each worker has a reader thread that
-//! decodes the frames the worker sends and passes them, as [`WorkerEvent`]s,
-//! to the sink, which forwards them to the driving thread.
+//! node. It is driven by one thread (the agent's main loop), which also
+//! reads what the workers say: it polls the sockets of
+//! [`WorkerPool::readable`] and calls [`WorkerPool::read`] for each that has
+//! something, which decodes whole frames into [`WorkerEvent`]s without
+//! blocking (no thread per worker, so a message costs no thread switch).
 //!
 //! 1. [`WorkerPool::acquire`] finds an idle worker of the task's
 //!    [`PoolKey`], preferring one already pinned to the task's cpus (another is
@@ -24,21 +25,22 @@
 //! does, under the spawn lock the caller holds around [`WorkerPool::acquire`].
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufReader};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::sys::signal::{Signal, killpg};
+use nix::sys::socket::{MsgFlags, recv};
 use nix::unistd::Pid;
 use picloud_proto::TaskId;
 use tracing::{debug, warn};
 
-use crate::local_wire::{LocalMsg, read_msg, write_msg};
+use crate::local_wire::{Direction, LocalMsg, decode_frame, write_msg};
 
 /// How many functions a worker keeps loaded; the same number as the worker's
 /// own cache (`python/picloud/worker.py`, `FUNCTION_CACHE_SIZE`).
@@ -70,7 +72,7 @@ pub struct PoolKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerId(pub u64);
 
-/// What a worker's reader thread reports.
+/// What [`WorkerPool::read`] finds.
 #[derive(Debug)]
 pub enum WorkerEvent {
     /// A message from the worker.
@@ -78,9 +80,6 @@ pub enum WorkerEvent {
     /// The worker's socket closed (`None`) or carried something unreadable.
     Closed(WorkerId, Option<String>),
 }
-
-/// Where reader threads deliver [`WorkerEvent`]s.
-pub type Sink = Arc<dyn Fn(WorkerEvent) + Send + Sync>;
 
 /// Sets up a worker's process before it runs: the user it runs as, its
 /// cgroup. Called with the command before it is spawned; what it returns is
@@ -118,8 +117,13 @@ pub struct Worker {
     pub busy: Option<Busy>,
     /// Function keys it holds, least recently used first.
     functions: VecDeque<u64>,
-    /// The agent's end of its socket (writes; the reader thread has a clone).
+    /// The agent's end of its socket: blocking writes (with a timeout),
+    /// reads that never block (`MSG_DONTWAIT`).
     stream: UnixStream,
+    /// Bytes read from the worker that do not make a whole frame yet.
+    inbox: Vec<u8>,
+    /// Its socket ended or carried garbage: nothing more is read.
+    closed: bool,
     /// When it last finished a task (or started).
     idle_since: Instant,
     /// Told to exit; no more tasks.
@@ -146,7 +150,6 @@ pub struct WorkerPool {
     extra_path: Option<String>,
     /// The directory of the node's segments, told to workers as `PICLOUD_SHM_DIR`.
     shm_dir: Option<std::path::PathBuf>,
-    sink: Sink,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -184,7 +187,7 @@ impl WorkerPool {
     /// messages to `sink`. `extra_path` is put first on every worker's import
     /// path: the directory holding the `picloud` package, when the client's
     /// own path may lack it.
-    pub fn new(cap: usize, extra_path: Option<String>, sink: Sink) -> Self {
+    pub fn new(cap: usize, extra_path: Option<String>) -> Self {
         Self {
             workers: HashMap::new(),
             by_pid: HashMap::new(),
@@ -194,7 +197,6 @@ impl WorkerPool {
             cap: cap.max(1),
             extra_path,
             shm_dir: None,
-            sink,
         }
     }
 
@@ -313,16 +315,9 @@ impl WorkerPool {
         }
         let id = WorkerId(self.next_id);
         self.next_id += 1;
-        let reader = ours.try_clone().map_err(AcquireError::Socket)?;
-        ours.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(AcquireError::Socket)?;
-        let sink = self.sink.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("worker-{}", id.0))
-            .spawn(move || read_worker(id, reader, sink))
-            .map_err(AcquireError::Socket);
-        if let Err(e) = spawned {
+        if let Err(e) = ours.set_write_timeout(Some(WRITE_TIMEOUT)) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            return Err(e);
+            return Err(AcquireError::Socket(e));
         }
         debug!(worker = id.0, pid, interpreter = %key.interpreter, ?cpus, "Python worker started");
         self.workers.insert(
@@ -335,6 +330,8 @@ impl WorkerPool {
                 busy: None,
                 functions: VecDeque::new(),
                 stream: ours,
+                inbox: Vec::new(),
+                closed: false,
                 idle_since: Instant::now(),
                 retiring: false,
             },
@@ -446,6 +443,58 @@ impl WorkerPool {
         }
     }
 
+    /// The workers whose sockets may still say something, to poll for reading.
+    pub fn readable(&self) -> impl Iterator<Item = (WorkerId, BorrowedFd<'_>)> + '_ {
+        self.workers.values().filter(|w| !w.closed).map(|w| (w.id, w.stream.as_fd()))
+    }
+
+    /// Reads, without blocking, what worker `id` has sent, and returns every
+    /// whole message in order; then `Closed` if its socket ended (`None`: a
+    /// clean end or a reset, the worker's exit status says why) or carried
+    /// something unreadable. Nothing for a worker gone or closed.
+    pub fn read(&mut self, id: WorkerId) -> Vec<WorkerEvent> {
+        let mut out = Vec::new();
+        let Some(worker) = self.workers.get_mut(&id).filter(|w| !w.closed) else { return out };
+        let mut buf = [0u8; 64 * 1024];
+        let end = loop {
+            match recv(worker.stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => break Some(None),
+                Ok(n) => worker.inbox.extend_from_slice(&buf[..n]),
+                Err(Errno::EAGAIN) => break None,
+                Err(Errno::EINTR) => {}
+                Err(Errno::ECONNRESET) => break Some(None),
+                Err(e) => break Some(Some(format!("cannot read from the Python worker: {e}"))),
+            }
+        };
+        let mut used = 0;
+        loop {
+            match decode_frame(&worker.inbox[used..], Direction::ToAgent) {
+                Ok(Some((msg, n))) => {
+                    used += n;
+                    out.push(WorkerEvent::Message(id, msg));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(worker = id.0, "unreadable message from a Python worker: {e}");
+                    worker.closed = true;
+                    worker.inbox = Vec::new();
+                    out.push(WorkerEvent::Closed(id, Some(e.to_string())));
+                    return out;
+                }
+            }
+        }
+        worker.inbox.drain(..used);
+        if let Some(why) = end {
+            worker.closed = true;
+            let why = why.or_else(|| {
+                (!worker.inbox.is_empty())
+                    .then(|| "the worker closed its socket in the middle of a frame".into())
+            });
+            out.push(WorkerEvent::Closed(id, why));
+        }
+        out
+    }
+
     /// SIGKILLs every worker.
     pub fn kill_all(&mut self) {
         for worker in self.workers.values() {
@@ -465,25 +514,4 @@ fn pin(pid: i32, cpus: &[u32]) -> nix::Result<()> {
         set.set(cpu as usize)?;
     }
     sched_setaffinity(Pid::from_raw(pid), &set)
-}
-
-/// The reader thread of one worker.
-fn read_worker(id: WorkerId, stream: UnixStream, sink: Sink) {
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    loop {
-        match read_msg(&mut reader) {
-            Ok(Some(msg)) => sink(WorkerEvent::Message(id, msg)),
-            Ok(None) => return sink(WorkerEvent::Closed(id, None)),
-            Err(crate::local_wire::LocalWireError::Io { error })
-                if error.kind() == io::ErrorKind::ConnectionReset =>
-            {
-                // The worker died; its exit status tells why.
-                return sink(WorkerEvent::Closed(id, None));
-            }
-            Err(e) => {
-                warn!(worker = id.0, "unreadable message from a Python worker: {e}");
-                return sink(WorkerEvent::Closed(id, Some(e.to_string())));
-            }
-        }
-    }
 }

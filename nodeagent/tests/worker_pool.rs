@@ -3,19 +3,25 @@
 //! that uses it, never assumed to be in the worker's cache.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use picloud_nodeagent::workers::{PoolKey, WorkerEvent, WorkerPool};
+use picloud_nodeagent::workers::{PoolKey, WorkerEvent, WorkerId, WorkerPool};
 use picloud_proto::TaskId;
 use picloud_proto::local_wire::LocalMsg;
+
+/// Waits, up to a minute, until the worker's socket has something to read.
+fn wait_readable(pool: &WorkerPool, worker: WorkerId) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let (_, fd) = pool.readable().find(|(id, _)| *id == worker).expect("the worker is alive");
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let ready = poll(&mut fds, PollTimeout::try_from(60_000).unwrap()).expect("poll");
+    assert!(ready > 0, "the worker answers within a minute");
+}
 
 #[test]
 fn a_function_that_did_not_load_is_sent_again() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python_dir = root.join("python").canonicalize().unwrap().display().to_string();
-    let (tx, events) = crossbeam_channel::unbounded();
-    let mut pool = WorkerPool::new(1, Some(python_dir), Arc::new(move |e| drop(tx.send(e))));
+    let mut pool = WorkerPool::new(1, Some(python_dir));
     // The interpreter the tests' `python3` is (workers start with a clean PATH).
     let python3 = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = std::process::Command::new(python3)
@@ -36,13 +42,16 @@ fn a_function_that_did_not_load_is_sent_again() {
     for seq in 1..=2 {
         let task = TaskId { seq, index: None };
         let tag = pool.dispatch(worker, task, 7, b"not a pickle", b"", "/", &[], false).expect("sent");
-        let (status, error) = loop {
-            match events.recv_timeout(Duration::from_secs(60)).expect("the worker answers") {
-                WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, error, .. }) if t == tag => {
-                    break (status, error);
+        let (status, error) = 'done: loop {
+            wait_readable(&pool, worker);
+            for event in pool.read(worker) {
+                match event {
+                    WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, error, .. }) if t == tag => {
+                        break 'done (status, error);
+                    }
+                    WorkerEvent::Message(_, LocalMsg::Ready { .. }) => {}
+                    other => panic!("unexpected {other:?}"),
                 }
-                WorkerEvent::Message(_, LocalMsg::Ready { .. }) => {}
-                other => panic!("unexpected {other:?}"),
             }
         };
         assert_eq!(status, 2, "task {seq}: {error}");

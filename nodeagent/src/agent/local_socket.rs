@@ -11,12 +11,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use crossbeam_channel::Sender;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use tracing::{debug, warn};
 
-use super::Event;
 use super::python::LocalEvent;
+use super::{Event, Events};
 use crate::local_wire::read_msg;
 
 /// A bound local socket; dropping it removes the socket file.
@@ -28,7 +27,7 @@ pub(super) struct LocalSocket {
 impl LocalSocket {
     /// Binds `path` (replacing a stale socket no agent answers on) and starts
     /// accepting clients, whose events go to `events`.
-    pub(super) fn start(path: &Path, events: Sender<Event>) -> io::Result<Self> {
+    pub(super) fn start(path: &Path, events: Events) -> io::Result<Self> {
         if UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
@@ -56,7 +55,7 @@ impl Drop for LocalSocket {
     }
 }
 
-fn accept_loop(listener: UnixListener, events: Sender<Event>) {
+fn accept_loop(listener: UnixListener, events: Events) {
     let mut next_conn = 0u64;
     for stream in listener.incoming() {
         let stream = match stream {
@@ -77,7 +76,7 @@ fn accept_loop(listener: UnixListener, events: Sender<Event>) {
         next_conn += 1;
         let Ok(reader) = stream.try_clone() else { continue };
         let connected = LocalEvent::Connected { conn, stream, uid: cred.uid(), gid: cred.gid() };
-        if events.send(Event::Local(connected)).is_err() {
+        if !events.send(Event::Local(connected)) {
             return;
         }
         let events = events.clone();
@@ -90,7 +89,7 @@ fn accept_loop(listener: UnixListener, events: Sender<Event>) {
     }
 }
 
-fn read_client(conn: u64, stream: UnixStream, events: Sender<Event>) {
+fn read_client(conn: u64, stream: UnixStream, events: Events) {
     let mut reader = BufReader::new(stream);
     loop {
         let event = match read_msg(&mut reader) {
@@ -99,7 +98,7 @@ fn read_client(conn: u64, stream: UnixStream, events: Sender<Event>) {
             Err(e) => LocalEvent::Closed { conn, error: Some(e.to_string()) },
         };
         let closed = matches!(event, LocalEvent::Closed { .. });
-        if events.send(Event::Local(event)).is_err() || closed {
+        if !events.send(Event::Local(event)) || closed {
             debug!(conn, "local client gone");
             return;
         }

@@ -416,6 +416,13 @@ impl Agent {
 
     /// A reaped child that was a worker; returns false if it was none.
     pub(super) fn python_exit(&mut self, pid: i32, status: i32) -> bool {
+        // What it said before it died comes first (a `DONE` ends its task
+        // as it ran, not as a crash).
+        if let Some(id) = self.python.pool.by_pid(pid) {
+            for event in self.python.pool.read(id) {
+                self.on_worker(event);
+            }
+        }
         let Some(worker) = self.python.pool.remove_pid(pid) else { return false };
         let broken = self.python.broken.remove(&worker.id);
         self.python.probes.remove(&worker.id);
@@ -566,13 +573,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// Forwards worker events into the agent's event channel.
-pub(super) fn sink(events: crossbeam_channel::Sender<Event>) -> crate::workers::Sink {
-    std::sync::Arc::new(move |e| {
-        let _ = events.send(Event::Worker(e));
-    })
 }
 
 /// "exited with status 3", "was killed by signal 11 (SIGSEGV)".
