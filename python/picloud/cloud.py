@@ -101,12 +101,18 @@ def _site_dirs():
 _SITE = _site_dirs()
 
 
+# Modules already looked at by _by_value (realpath costs a system call per
+# directory of the path): name -> the module object that was looked at.
+_looked_at = {}
+
+
 def _by_value(func):
     """Marks the module of ``func`` for pickling by value when it is the
     user's own (not installed), so workers need not import it."""
     module = sys.modules.get(getattr(func, "__module__", None) or "")
-    if module is None or module.__name__ == "__main__":
+    if module is None or module.__name__ == "__main__" or _looked_at.get(module.__name__) is module:
         return
+    _looked_at[module.__name__] = module
     path = getattr(module, "__file__", None)
     if path and not os.path.realpath(path).startswith(_SITE):
         top = sys.modules.get(module.__name__.split(".")[0], module)
