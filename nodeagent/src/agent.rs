@@ -794,15 +794,17 @@ impl Agent {
         }
     }
 
-    /// Handles the events already queued; with none, sleeps until the
-    /// server, a worker or a helper thread has something, or until
-    /// `deadline`, and handles that. Fails once every sender is gone.
+    /// Handles the events already queued and whatever the sockets hold; with
+    /// none, sleeps until the server, a worker or a helper thread has
+    /// something, or until `deadline`, and handles that. Fails once every
+    /// sender is gone.
     fn next_events(&mut self, events: &Receiver<Event>, deadline: Option<Instant>) -> Result<(), ()> {
-        if self.drain(events)? {
-            return Ok(());
-        }
+        let queued = self.drain(events)?;
         if self.wake.is_none() {
             // Fed by the channel alone (tests).
+            if queued {
+                return Ok(());
+            }
             let first = match deadline {
                 Some(at) => events.recv_deadline(at),
                 None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -816,7 +818,9 @@ impl Agent {
                 Err(RecvTimeoutError::Disconnected) => Err(()),
             };
         }
-        self.poll_sockets(deadline);
+        // With events handled already, the sockets are only looked at, so
+        // that a busy channel cannot starve them.
+        self.poll_sockets(if queued { Some(Instant::now()) } else { deadline });
         self.drain(events).map(drop)
     }
 
