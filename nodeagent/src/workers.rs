@@ -430,7 +430,7 @@ impl WorkerPool {
         if let Some(idle) = self.idle.get_mut(&worker.key) {
             idle.retain(|&w| w != id);
         }
-        // Shutting the socket down ends the reader thread.
+        // Its socket closes with it (dropped by the caller).
         let _ = worker.stream.shutdown(std::net::Shutdown::Both);
         Some(worker)
     }

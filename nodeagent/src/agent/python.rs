@@ -280,7 +280,7 @@ impl Agent {
         debug!(task = %start.job_id, pid, worker = worker.0, cpus = ?start.cpus, "Python task dispatched");
     }
 
-    /// A worker's reader thread reported something.
+    /// Something read from a worker's socket (`WorkerPool::read`).
     pub(super) fn on_worker(&mut self, event: WorkerEvent) {
         match event {
             WorkerEvent::Message(id, LocalMsg::Ready { pid, .. }) => {
