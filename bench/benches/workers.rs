@@ -31,7 +31,7 @@ impl Bench {
         let tag =
             self.pool.dispatch(self.worker, task, function_key, function, args, "/", &[], false).unwrap();
         loop {
-            for event in next_events(&mut self.pool, self.worker) {
+            for event in self.pool.wait(self.worker, Duration::from_secs(60)).expect("poll") {
                 match event {
                     WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, result, error, .. })
                         if t == tag =>
@@ -46,19 +46,6 @@ impl Bench {
             }
         }
     }
-}
-
-/// Waits (up to a minute) until `worker`'s socket is readable, as the
-/// agent's main loop does, and returns what it said.
-fn next_events(pool: &mut WorkerPool, worker: WorkerId) -> Vec<WorkerEvent> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    {
-        let (_, fd) = pool.readable().find(|(id, _)| *id == worker).expect("the worker is alive");
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        let ready = poll(&mut fds, PollTimeout::try_from(60_000).unwrap()).expect("poll");
-        assert!(ready > 0, "the worker answers within a minute");
-    }
-    pool.read(worker)
 }
 
 fn workers(c: &mut Criterion) {

@@ -635,6 +635,15 @@ fn ended_by_wait(seqs: &[u64], jobs: &[JobInfo]) -> Vec<bool> {
         .collect()
 }
 
+/// A wait's `timeout_ms`: -1 for no limit, else milliseconds.
+pub(crate) fn timeout_of(timeout_ms: i64) -> Result<Option<Duration>, FfiError> {
+    match timeout_ms {
+        -1 => Ok(None),
+        t if t >= 0 => Ok(Some(Duration::from_millis(t as u64))),
+        t => Err(FfiError::invalid(format_args!("timeout_ms {t}: use -1 (no limit) or >= 0"))),
+    }
+}
+
 /// The checked arguments of a wait.
 struct WaitArgs {
     seqs: Vec<u64>,
@@ -660,11 +669,7 @@ impl WaitArgs {
         if n > 0 && !ended_out.is_null() {
             check_out(ended_out, "ended_out")?;
         }
-        let timeout = match timeout_ms {
-            -1 => None,
-            t if t >= 0 => Some(Duration::from_millis(t as u64)),
-            t => return Err(FfiError::invalid(format_args!("timeout_ms {t}: use -1 (no limit) or >= 0"))),
-        };
+        let timeout = timeout_of(timeout_ms)?;
         let until = match mode {
             PICLOUD_WAIT_ALL => WaitUntil::All,
             PICLOUD_WAIT_ANY if seqs.is_empty() => {

@@ -12,11 +12,12 @@
 use std::ffi::{c_char, c_int};
 
 use picloud_proto::{
-    ClientRequest, JobState, PythonStatus, ResourcesUsed, ServerReply, TaskResult, WaitReply, WaitUntil,
+    ClientRequest, JobRef, JobState, PythonStatus, ResourcesUsed, ServerReply, TaskResult, WaitReply,
+    WaitUntil,
 };
 
 use crate::args::{CStruct, check_out, check_sized_out, write_out};
-use crate::client::{client_of, job_ref, picloud_client, picloud_state, unexpected};
+use crate::client::{client_of, job_ref, picloud_client, picloud_state, timeout_of, unexpected};
 use crate::error::{FfiError, boundary, picloud_error_code::*};
 use crate::handle::Registry;
 
@@ -249,13 +250,7 @@ pub unsafe extern "C" fn picloud_client_results(
         let c = client_of(client)?;
         check_out(out, "out")?;
         let r = job_ref(seq, index)?;
-        let tasks = c.with(|client| match client.request(&ClientRequest::Results(vec![r]))? {
-            ServerReply::Results { unknown, .. } if !unknown.is_empty() => {
-                Err(FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("Unknown Job Id {r}")))
-            }
-            ServerReply::Results { results, .. } => Ok(results),
-            other => Err(unexpected("a results request", &other)),
-        })?;
+        let tasks = c.with(|client| fetch(client, r))?;
         // SAFETY: checked by check_out; writable by the caller's promise.
         unsafe { write_out(out, stored(tasks)) };
         Ok(())
@@ -286,29 +281,22 @@ pub unsafe extern "C" fn picloud_client_wait_task(
         let c = client_of(client)?;
         check_out(out, "out")?;
         let r = job_ref(seq, index)?;
-        let deadline = match timeout_ms {
-            -1 => None,
-            t if t >= 0 => Some(std::time::Instant::now() + std::time::Duration::from_millis(t as u64)),
-            t => return Err(FfiError::invalid(format_args!("timeout_ms {t}: use -1 (no limit) or >= 0"))),
-        };
+        let deadline = timeout_of(timeout_ms)?.map(|t| std::time::Instant::now() + t);
         let request = |left: Option<std::time::Duration>| ClientRequest::Wait {
             jobs: vec![r],
             timeout_ms: left.map(|t| t.as_millis() as u64),
             until: WaitUntil::All,
             reply: WaitReply::Results,
         };
-        let forgotten =
-            || FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("job {r} was forgotten by the server"));
         let tasks = c.with(|client| {
             match client.request_reconnecting(picloud_proto::client::RECONNECT_WINDOW, deadline, request)? {
-                ServerReply::Results { unknown, .. } if !unknown.is_empty() => Err(forgotten()),
+                ServerReply::Results { unknown, .. } if !unknown.is_empty() => Err(FfiError::new(
+                    PICLOUD_ERR_UNKNOWN_JOB,
+                    format_args!("job {r} was forgotten by the server"),
+                )),
                 ServerReply::Results { results, .. } => Ok(results),
                 // Too large for the wait's reply: fetched on its own.
-                ServerReply::Jobs { .. } => match client.request(&ClientRequest::Results(vec![r]))? {
-                    ServerReply::Results { unknown, .. } if !unknown.is_empty() => Err(forgotten()),
-                    ServerReply::Results { results, .. } => Ok(results),
-                    other => Err(unexpected("a results request", &other)),
-                },
+                ServerReply::Jobs { .. } => fetch(client, r),
                 other => Err(unexpected("a wait for results", &other)),
             }
         })?;
@@ -316,6 +304,17 @@ pub unsafe extern "C" fn picloud_client_wait_task(
         unsafe { write_out(out, stored(tasks)) };
         Ok(())
     })
+}
+
+/// The outcomes of the tasks `r` names, by a `Results` request.
+fn fetch(client: &mut picloud_proto::Client, r: JobRef) -> Result<Vec<TaskResult>, FfiError> {
+    match client.request(&ClientRequest::Results(vec![r]))? {
+        ServerReply::Results { unknown, .. } if !unknown.is_empty() => {
+            Err(FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("Unknown Job Id {r}")))
+        }
+        ServerReply::Results { results, .. } => Ok(results),
+        other => Err(unexpected("a results request", &other)),
+    }
 }
 
 /// A new `picloud_results` handle holding `tasks`.

@@ -52,7 +52,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
@@ -904,24 +904,14 @@ impl Agent {
     /// whole message; a closed or broken connection counts as the server lost.
     fn read_server(&mut self) {
         let Some(incoming) = &mut self.incoming else { return };
-        let mut buf = [0u8; 64 * 1024];
-        let mut gone = None;
-        loop {
-            match nix::sys::socket::recv(
-                incoming.conn.as_fd().as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(0) if incoming.frames.has_partial() => {
-                    break gone = Some(Some(FrameError::Truncated.to_string()));
-                }
-                Ok(0) => break gone = Some(None),
-                Ok(n) => incoming.frames.push(&buf[..n]),
-                Err(Errno::EAGAIN) => break,
-                Err(Errno::EINTR) => {}
-                Err(e) => break gone = Some(Some(io::Error::from(e).to_string())),
-            }
-        }
+        let frames = &mut incoming.frames;
+        let mut gone = match crate::workers::read_available(incoming.conn.as_fd(), |bytes| frames.push(bytes))
+        {
+            Ok(false) => None,
+            Ok(true) if frames.has_partial() => Some(Some(FrameError::Truncated.to_string())),
+            Ok(true) => Some(None),
+            Err(e) => Some(Some(io::Error::from(e).to_string())),
+        };
         let mut messages = Vec::new();
         loop {
             match incoming.frames.next_payload() {

@@ -455,16 +455,11 @@ impl WorkerPool {
     pub fn read(&mut self, id: WorkerId) -> Vec<WorkerEvent> {
         let mut out = Vec::new();
         let Some(worker) = self.workers.get_mut(&id).filter(|w| !w.closed) else { return out };
-        let mut buf = [0u8; 64 * 1024];
-        let end = loop {
-            match recv(worker.stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(0) => break Some(None),
-                Ok(n) => worker.inbox.extend_from_slice(&buf[..n]),
-                Err(Errno::EAGAIN) => break None,
-                Err(Errno::EINTR) => {}
-                Err(Errno::ECONNRESET) => break Some(None),
-                Err(e) => break Some(Some(format!("cannot read from the Python worker: {e}"))),
-            }
+        let end = match read_available(worker.stream.as_fd(), |bytes| worker.inbox.extend_from_slice(bytes)) {
+            Ok(false) => None,
+            // A reset is the worker dying: its exit status says why.
+            Ok(true) | Err(Errno::ECONNRESET) => Some(None),
+            Err(e) => Some(Some(format!("cannot read from the Python worker: {e}"))),
         };
         let mut used = 0;
         loop {
@@ -495,10 +490,39 @@ impl WorkerPool {
         out
     }
 
+    /// Waits up to `timeout` until worker `id` has something to say, then
+    /// reads it as [`WorkerPool::read`] does (nothing on a timeout). For
+    /// callers that drive one worker alone; the agent polls all at once.
+    pub fn wait(&mut self, id: WorkerId, timeout: Duration) -> io::Result<Vec<WorkerEvent>> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let ready = {
+            let Some((_, fd)) = self.readable().find(|(w, _)| *w == id) else { return Ok(Vec::new()) };
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::NONE);
+            poll(&mut fds, ms).map_err(io::Error::from)?
+        };
+        Ok(if ready > 0 { self.read(id) } else { Vec::new() })
+    }
+
     /// SIGKILLs every worker.
     pub fn kill_all(&mut self) {
         for worker in self.workers.values() {
             let _ = killpg(Pid::from_raw(worker.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Reads from socket `fd`, without blocking, all that has arrived, passing
+/// it to `push`; returns whether the stream ended (the peer closed it).
+pub(crate) fn read_available(fd: BorrowedFd<'_>, mut push: impl FnMut(&[u8])) -> Result<bool, Errno> {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return Ok(true),
+            Ok(n) => push(&buf[..n]),
+            Err(Errno::EAGAIN) => return Ok(false),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
         }
     }
 }

@@ -3,19 +3,11 @@
 //! that uses it, never assumed to be in the worker's cache.
 
 use std::path::Path;
+use std::time::Duration;
 
-use picloud_nodeagent::workers::{PoolKey, WorkerEvent, WorkerId, WorkerPool};
+use picloud_nodeagent::workers::{PoolKey, WorkerEvent, WorkerPool};
 use picloud_proto::TaskId;
 use picloud_proto::local_wire::LocalMsg;
-
-/// Waits, up to a minute, until the worker's socket has something to read.
-fn wait_readable(pool: &WorkerPool, worker: WorkerId) {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let (_, fd) = pool.readable().find(|(id, _)| *id == worker).expect("the worker is alive");
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    let ready = poll(&mut fds, PollTimeout::try_from(60_000).unwrap()).expect("poll");
-    assert!(ready > 0, "the worker answers within a minute");
-}
 
 #[test]
 fn a_function_that_did_not_load_is_sent_again() {
@@ -43,8 +35,7 @@ fn a_function_that_did_not_load_is_sent_again() {
         let task = TaskId { seq, index: None };
         let tag = pool.dispatch(worker, task, 7, b"not a pickle", b"", "/", &[], false).expect("sent");
         let (status, error) = 'done: loop {
-            wait_readable(&pool, worker);
-            for event in pool.read(worker) {
+            for event in pool.wait(worker, Duration::from_secs(60)).expect("poll") {
                 match event {
                     WorkerEvent::Message(_, LocalMsg::Done { tag: t, status, error, .. }) if t == tag => {
                         break 'done (status, error);
