@@ -665,6 +665,42 @@ int picloud_client_submit_python(struct picloud_client *client,
                                  uint64_t *seq_out);
 
 /**
+ * Submits a Python function call as `picloud_client_submit_python` does,
+ * but without waiting for the server: the job gets its sequence number from
+ * a block the server reserved for this client (`*seq_out`, at once), and
+ * its submission is sent with this client's next call, or by a thread of
+ * this client at most a millisecond later. Submissions from one client
+ * reach the server in the order they were made.
+ *
+ * What is checked here fails here, as for `picloud_client_submit_python`
+ * (bad arguments, a lost connection). A refusal by the server (a job no
+ * node can hold, a dependency on an unknown job, a full journal) comes
+ * later: every later call of this client that names the job (wait,
+ * results, status, cancel) fails with it. Other clients see no such job.
+ * Call `picloud_client_flush` before another client (another thread's)
+ * names the job.
+ *
+ * # Safety
+ * As for `picloud_client_submit_python`.
+ */
+int picloud_client_submit_python_async(struct picloud_client *client,
+                                       const struct picloud_python_call *call,
+                                       const struct picloud_job_options *options,
+                                       uint64_t *seq_out);
+
+/**
+ * Sends this client's pipelined submissions
+ * (`picloud_client_submit_python_async`) and waits until the server has
+ * queued them, so that a request another client sends afterwards finds the
+ * jobs. Safe to call from any thread, also while this client is in a long
+ * wait on another (that call has already had the server's replies; this
+ * one does not wait for it), and it returns at once when nothing is
+ * unconfirmed. Fails only when the connection does; the server's refusals
+ * of single jobs are reported by this client's calls that name them.
+ */
+int picloud_client_flush(struct picloud_client *client);
+
+/**
  * Waits for jobs (arrays as a whole) to end.
  *
  * `mode` is `PICLOUD_WAIT_ALL` (the server answers once all have ended) or

@@ -9,9 +9,18 @@
 //! (`PICLOUD_ERR_CONNECTION_LOST`): a reply may have been lost, so the
 //! connection can no longer pair requests with replies. Free it and connect
 //! again.
+//!
+//! `picloud_client_submit_python_async` pipelines: the job is named from a
+//! block of sequence numbers the server reserved for the connection, written
+//! into the connection's buffer, and sent with the client's next request (or
+//! by the thread of `pipeline.rs` a millisecond later). Refusals come back
+//! with later replies and are kept per job: every call naming a refused job
+//! fails with the refusal.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use picloud_proto::client::RECONNECT_WINDOW;
@@ -27,15 +36,35 @@ use crate::args::{
 };
 use crate::error::{FfiError, boundary, picloud_error_code::*};
 use crate::handle::Registry;
+use crate::pipeline::Flusher;
 
 /// A connection to a picloud server. Opaque; made by
 /// `picloud_client_connect`, freed by `picloud_client_free`.
 pub struct picloud_client {
     conn: Mutex<Conn>,
+    /// Pipelined submissions the server refused, by sequence number.
+    refused: Mutex<HashMap<u64, FfiError>>,
+    /// Sends pipelined submissions that no request sends.
+    flusher: Arc<Flusher>,
+    /// Set while pipelined submissions wait for the server's replies
+    /// ([`Client::unconfirmed_flag`]). Read without the connection's lock,
+    /// which a wait holds for long.
+    unconfirmed: Arc<AtomicBool>,
+}
+
+impl Drop for picloud_client {
+    fn drop(&mut self) {
+        self.flusher.stop();
+        // Submissions still in the buffer go out before the connection
+        // closes; nobody is left to hear a refusal.
+        if let Ok(Conn::Ready(client)) = self.conn.get_mut() {
+            let _ = client.send_buffered();
+        }
+    }
 }
 
 enum Conn {
-    Ready(Client),
+    Ready(Box<Client>),
     /// Why it can no longer be used.
     Broken(String),
 }
@@ -69,6 +98,19 @@ impl picloud_client {
             }
         };
         let result = f(client);
+        let answered = client.take_answered();
+        if !answered.is_empty() {
+            let mut refused = self.refused();
+            for (seq, outcome) in answered {
+                if let Err(e) = outcome {
+                    let e = FfiError::from(picloud_proto::ClientError::Server(e));
+                    refused.insert(
+                        seq,
+                        FfiError::new(e.code, format_args!("job {seq} was not queued: {}", e.message)),
+                    );
+                }
+            }
+        }
         if let Err(e) = &result {
             if e.breaks_connection() {
                 *conn = Conn::Broken(e.message.clone());
@@ -76,6 +118,60 @@ impl picloud_client {
         }
         result
     }
+
+    /// As [`picloud_client::with`], for a call about jobs `seqs`: fails with
+    /// the refusal of the first of them the server refused to queue (a
+    /// pipelined submission), before or after `f`.
+    pub(crate) fn with_jobs<R>(
+        &self,
+        seqs: &[u64],
+        f: impl FnOnce(&mut Client) -> Result<R, FfiError>,
+    ) -> Result<R, FfiError> {
+        self.check_queued(seqs)?;
+        let result = self.with(f);
+        self.check_queued(seqs)?;
+        result
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, HashMap<u64, FfiError>> {
+        // Nothing panics while the map is locked; should it, the map is intact.
+        self.refused.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_queued(&self, seqs: &[u64]) -> Result<(), FfiError> {
+        let refused = self.refused();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        match seqs.iter().find_map(|s| refused.get(s)) {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends the pipelined submissions still buffered and reads their replies.
+    pub(crate) fn flush_pipelined(&self) -> Result<(), FfiError> {
+        self.with(|client| Ok(client.flush_pipelined()?))
+    }
+
+    /// Makes sure the server has queued (or refused) every pipelined
+    /// submission of this client, without waiting for a call in progress on
+    /// another thread: such a call reads the replies owed before it waits
+    /// for its own, so it is enough to wait until they are read or the
+    /// connection is free.
+    pub(crate) fn confirm_pipelined(&self) -> Result<(), FfiError> {
+        loop {
+            if !self.unconfirmed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if let Ok(conn) = self.conn.try_lock() {
+                drop(conn);
+                return self.flush_pipelined();
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
 }
 
 /// The error for a reply that does not answer the request.
@@ -136,7 +232,13 @@ pub unsafe extern "C" fn picloud_client_connect(
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let addr = address_of(unsafe { opt_str(address, "address") }?)?;
         let client = Client::connect(&addr)?;
-        let handle = CLIENTS.insert(picloud_client { conn: Mutex::new(Conn::Ready(client)) });
+        let unconfirmed = client.unconfirmed_flag();
+        let handle = CLIENTS.insert(picloud_client {
+            conn: Mutex::new(Conn::Ready(Box::new(client))),
+            refused: Mutex::new(HashMap::new()),
+            flusher: Arc::default(),
+            unconfirmed,
+        });
         // SAFETY: checked by check_out; the caller promises it is writable.
         unsafe { write_out(out, handle) };
         Ok(())
@@ -488,6 +590,84 @@ unsafe impl CStruct for picloud_python_call {
     const NAME: &'static str = "picloud_python_call";
 }
 
+/// The job a `picloud_python_call` and its options describe, checked.
+///
+/// # Safety
+/// As for `picloud_client_submit_python`.
+unsafe fn python_spec(
+    call: *const picloud_python_call,
+    options: *const picloud_job_options,
+) -> Result<JobSpec, FfiError> {
+    // SAFETY: the caller promises a valid struct.
+    let raw = unsafe { read_sized(call, "call") }?;
+    if raw.args_len == 0 {
+        return Err(FfiError::invalid("call->args_len is 0: a call needs at least one argument set"));
+    }
+    if raw.args_len > u32::MAX as usize {
+        return Err(FfiError::invalid(format_args!("call->args_len {} is too many tasks", raw.args_len)));
+    }
+    // SAFETY (this and the next three reads): the caller promises that the
+    // struct's pointers are NULL or valid for the lengths beside them.
+    let interpreter = unsafe { opt_str(raw.interpreter, "call->interpreter") }?.unwrap_or("python3");
+    // SAFETY: as above.
+    let sys_path = unsafe { str_array(raw.sys_path, raw.sys_path_len, "call->sys_path") }?;
+    // SAFETY: as above.
+    let segments = unsafe { str_array(raw.segments, raw.segments_len, "call->segments") }?;
+    // SAFETY: as above.
+    let function = unsafe { slice(raw.function.data, raw.function.len, "call->function") }?;
+    if function.is_empty() {
+        return Err(FfiError::invalid("call->function is empty"));
+    }
+    // SAFETY: as above.
+    let arg_bufs = unsafe { slice(raw.args, raw.args_len, "call->args") }?;
+    // SAFETY: options NULL or valid, as promised.
+    let options = unsafe { read_options(options) }?;
+    if options.array.is_some() || options.stdout.is_some() || options.stderr.is_some() {
+        return Err(FfiError::invalid(
+            "options->array, stdout_path and stderr_path are for command jobs: a Python call's \
+             tasks are its argument sets, and their output comes back with the results",
+        ));
+    }
+    let tasks = arg_bufs.len();
+    let payload = arg_bufs.iter().fold(function.len() as u64, |n, b| n.saturating_add(b.len as u64));
+    let python = PythonCall {
+        interpreter: interpreter.to_string(),
+        sys_path,
+        function: Vec::new(),
+        args: vec![Vec::new(); tasks],
+        segments,
+        kill_process: raw.kill_process != 0,
+    };
+    let mut spec = job_spec(JobCommand::Python(Box::new(python)), "python", options)?;
+    if tasks > 1 {
+        spec.array = Some(ArrayIndices::parse(&format!("0-{}", tasks - 1)).map_err(FfiError::invalid)?);
+    }
+    // The frame's size, before copying the payload: bincode writes a
+    // Vec<u8> as a u64 length and its bytes, and the empty vectors above
+    // already count their lengths.
+    // Measured as a pipelined submission, the larger of the two.
+    let request = ClientRequest::SubmitReserved { seq: 0, spec: Box::new(spec) };
+    let frame = bincode::serialized_size(&request).unwrap_or(u64::MAX).saturating_add(payload);
+    if frame > picloud_proto::MAX_FRAME_LEN as u64 {
+        return Err(FfiError::invalid(format_args!(
+            "the call takes {frame} bytes on the wire, over the limit of {} bytes of a submission: \
+             pass large arguments in shared-memory segments",
+            picloud_proto::MAX_FRAME_LEN
+        )));
+    }
+    let mut args = Vec::with_capacity(tasks);
+    for (i, b) in arg_bufs.iter().enumerate() {
+        // SAFETY: as above, for each argument set.
+        args.push(unsafe { slice(b.data, b.len, &format!("call->args[{i}]")) }?.to_vec());
+    }
+    let ClientRequest::SubmitReserved { mut spec, .. } = request else { unreachable!("built just above") };
+    if let JobCommand::Python(call) = &mut spec.command {
+        call.function = function.to_vec();
+        call.args = args;
+    }
+    Ok(*spec)
+}
+
 /// Submits a Python function call: one task, or a map of `call->args_len`
 /// tasks sharing the function. `*seq_out` is the job's sequence number. A
 /// submission is one protocol frame of at most 64 MiB: pass larger data in
@@ -506,77 +686,69 @@ pub unsafe extern "C" fn picloud_client_submit_python(
     boundary(|| {
         let c = client_of(client)?;
         check_out(seq_out, "seq_out")?;
-        // SAFETY: the caller promises a valid struct.
-        let raw = unsafe { read_sized(call, "call") }?;
-        if raw.args_len == 0 {
-            return Err(FfiError::invalid("call->args_len is 0: a call needs at least one argument set"));
-        }
-        if raw.args_len > u32::MAX as usize {
-            return Err(FfiError::invalid(format_args!("call->args_len {} is too many tasks", raw.args_len)));
-        }
-        // SAFETY (this and the next three reads): the caller promises that the
-        // struct's pointers are NULL or valid for the lengths beside them.
-        let interpreter = unsafe { opt_str(raw.interpreter, "call->interpreter") }?.unwrap_or("python3");
-        // SAFETY: as above.
-        let sys_path = unsafe { str_array(raw.sys_path, raw.sys_path_len, "call->sys_path") }?;
-        // SAFETY: as above.
-        let segments = unsafe { str_array(raw.segments, raw.segments_len, "call->segments") }?;
-        // SAFETY: as above.
-        let function = unsafe { slice(raw.function.data, raw.function.len, "call->function") }?;
-        if function.is_empty() {
-            return Err(FfiError::invalid("call->function is empty"));
-        }
-        // SAFETY: as above.
-        let arg_bufs = unsafe { slice(raw.args, raw.args_len, "call->args") }?;
-        // SAFETY: options NULL or valid, as promised.
-        let options = unsafe { read_options(options) }?;
-        if options.array.is_some() || options.stdout.is_some() || options.stderr.is_some() {
-            return Err(FfiError::invalid(
-                "options->array, stdout_path and stderr_path are for command jobs: a Python call's \
-                 tasks are its argument sets, and their output comes back with the results",
-            ));
-        }
-        let tasks = arg_bufs.len();
-        let payload = arg_bufs.iter().fold(function.len() as u64, |n, b| n.saturating_add(b.len as u64));
-        let python = PythonCall {
-            interpreter: interpreter.to_string(),
-            sys_path,
-            function: Vec::new(),
-            args: vec![Vec::new(); tasks],
-            segments,
-            kill_process: raw.kill_process != 0,
-        };
-        let mut spec = job_spec(JobCommand::Python(Box::new(python)), "python", options)?;
-        if tasks > 1 {
-            spec.array = Some(ArrayIndices::parse(&format!("0-{}", tasks - 1)).map_err(FfiError::invalid)?);
-        }
-        // The frame's size, before copying the payload: bincode writes a
-        // Vec<u8> as a u64 length and its bytes, and the empty vectors above
-        // already count their lengths.
-        let request = ClientRequest::Submit(Box::new(spec));
-        let frame = bincode::serialized_size(&request).unwrap_or(u64::MAX).saturating_add(payload);
-        if frame > picloud_proto::MAX_FRAME_LEN as u64 {
-            return Err(FfiError::invalid(format_args!(
-                "the call takes {frame} bytes on the wire, over the limit of {} bytes of a submission: \
-                 pass large arguments in shared-memory segments",
-                picloud_proto::MAX_FRAME_LEN
-            )));
-        }
-        let mut args = Vec::with_capacity(tasks);
-        for (i, b) in arg_bufs.iter().enumerate() {
-            // SAFETY: as above, for each argument set.
-            args.push(unsafe { slice(b.data, b.len, &format!("call->args[{i}]")) }?.to_vec());
-        }
-        let ClientRequest::Submit(mut spec) = request else { unreachable!("built just above") };
-        if let JobCommand::Python(call) = &mut spec.command {
-            call.function = function.to_vec();
-            call.args = args;
-        }
-        let (seq, _) = c.with(|client| submit(client, *spec))?;
+        // SAFETY: passed on from the caller, whose promises are ours.
+        let spec = unsafe { python_spec(call, options) }?;
+        let (seq, _) = c.with(|client| submit(client, spec))?;
         // SAFETY: checked above; the caller promises it is writable.
         unsafe { write_out(seq_out, seq) };
         Ok(())
     })
+}
+
+/// Submits a Python function call as `picloud_client_submit_python` does,
+/// but without waiting for the server: the job gets its sequence number from
+/// a block the server reserved for this client (`*seq_out`, at once), and
+/// its submission is sent with this client's next call, or by a thread of
+/// this client at most a millisecond later. Submissions from one client
+/// reach the server in the order they were made.
+///
+/// What is checked here fails here, as for `picloud_client_submit_python`
+/// (bad arguments, a lost connection). A refusal by the server (a job no
+/// node can hold, a dependency on an unknown job, a full journal) comes
+/// later: every later call of this client that names the job (wait,
+/// results, status, cancel) fails with it. Other clients see no such job.
+/// Call `picloud_client_flush` before another client (another thread's)
+/// names the job.
+///
+/// # Safety
+/// As for `picloud_client_submit_python`.
+#[no_mangle]
+pub unsafe extern "C" fn picloud_client_submit_python_async(
+    client: *mut picloud_client,
+    call: *const picloud_python_call,
+    options: *const picloud_job_options,
+    seq_out: *mut u64,
+) -> c_int {
+    boundary(|| {
+        let c = client_of(client)?;
+        check_out(seq_out, "seq_out")?;
+        // SAFETY: passed on from the caller, whose promises are ours.
+        let spec = unsafe { python_spec(call, options) }?;
+        let seq = c.with(|client| {
+            let seq = client.reserve_seq()?;
+            client.submit_pipelined(seq, spec)?;
+            Ok(seq)
+        })?;
+        if !c.flusher.schedule(&c) {
+            c.flush_pipelined()?;
+        }
+        // SAFETY: checked above; the caller promises it is writable.
+        unsafe { write_out(seq_out, seq) };
+        Ok(())
+    })
+}
+
+/// Sends this client's pipelined submissions
+/// (`picloud_client_submit_python_async`) and waits until the server has
+/// queued them, so that a request another client sends afterwards finds the
+/// jobs. Safe to call from any thread, also while this client is in a long
+/// wait on another (that call has already had the server's replies; this
+/// one does not wait for it), and it returns at once when nothing is
+/// unconfirmed. Fails only when the connection does; the server's refusals
+/// of single jobs are reported by this client's calls that name them.
+#[no_mangle]
+pub extern "C" fn picloud_client_flush(client: *mut picloud_client) -> c_int {
+    boundary(|| client_of(client)?.confirm_pipelined())
 }
 
 // ---------------------------------------------------------------- wait
@@ -756,7 +928,7 @@ pub unsafe extern "C" fn picloud_client_wait(
         if args.seqs.is_empty() {
             return c.with(|_| Ok(()));
         }
-        c.with(|client| match args.run(client, WaitReply::States)? {
+        c.with_jobs(&args.seqs, |client| match args.run(client, WaitReply::States)? {
             ServerReply::Jobs { jobs, .. } => {
                 args.report(&ended_by_wait(&args.seqs, &jobs));
                 Ok(())
@@ -799,7 +971,7 @@ pub unsafe extern "C" fn picloud_client_wait_results(
         let (results, ended) = if args.seqs.is_empty() {
             c.with(|_| Ok((Vec::new(), Vec::new())))?
         } else {
-            c.with(|client| match args.run(client, WaitReply::Results)? {
+            c.with_jobs(&args.seqs, |client| match args.run(client, WaitReply::Results)? {
                 ServerReply::Results { results, unknown } => {
                     // Forgotten meanwhile (`unknown`) counts as ended.
                     let ended = args
@@ -945,7 +1117,7 @@ pub unsafe extern "C" fn picloud_client_status(
             user: None,
             expand_arrays: false,
         });
-        let status = c.with(|client| match client.request(&request)? {
+        let status = c.with_jobs(&[seq], |client| match client.request(&request)? {
             ServerReply::Jobs { unknown, .. } if !unknown.is_empty() => {
                 Err(FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("Unknown Job Id {r}")))
             }
@@ -974,7 +1146,7 @@ pub extern "C" fn picloud_client_cancel(client: *mut picloud_client, seq: u64, i
     boundary(|| {
         let c = client_of(client)?;
         let r = job_ref(seq, index)?;
-        c.with(|client| match client.request(&ClientRequest::Cancel(vec![r]))? {
+        c.with_jobs(&[seq], |client| match client.request(&ClientRequest::Cancel(vec![r]))? {
             ServerReply::Cancelled(outcomes) => match outcomes.first().map(|(_, o)| *o) {
                 Some(RefOutcome::Done | RefOutcome::AlreadyFinished) => Ok(()),
                 Some(RefOutcome::Unknown) => {

@@ -24,7 +24,8 @@
 //!
 //! Modules: `error` (codes, messages, the panic boundary), `handle` (the
 //! registries of live handles), `args` (reading arguments, writing results),
-//! `client` (connect, submit, wait, status, cancel), `results` (task
+//! `client` (connect, submit, wait, status, cancel), `pipeline` (sending
+//! pipelined submissions nobody else sends), `results` (task
 //! outcomes), `local` and `segment` (the agent's socket and segments).
 
 #![allow(non_camel_case_types)]
@@ -33,6 +34,7 @@ mod args;
 mod client;
 mod error;
 mod handle;
+mod pipeline;
 mod results;
 mod segment;
 

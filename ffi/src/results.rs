@@ -250,7 +250,7 @@ pub unsafe extern "C" fn picloud_client_results(
         let c = client_of(client)?;
         check_out(out, "out")?;
         let r = job_ref(seq, index)?;
-        let tasks = c.with(|client| fetch(client, r))?;
+        let tasks = c.with_jobs(&[seq], |client| fetch(client, r))?;
         // SAFETY: checked by check_out; writable by the caller's promise.
         unsafe { write_out(out, stored(tasks)) };
         Ok(())
@@ -288,7 +288,7 @@ pub unsafe extern "C" fn picloud_client_wait_task(
             until: WaitUntil::All,
             reply: WaitReply::Results,
         };
-        let tasks = c.with(|client| {
+        let tasks = c.with_jobs(&[seq], |client| {
             match client.request_reconnecting(picloud_proto::client::RECONNECT_WINDOW, deadline, request)? {
                 ServerReply::Results { unknown, .. } if !unknown.is_empty() => Err(FfiError::new(
                     PICLOUD_ERR_UNKNOWN_JOB,

@@ -1,12 +1,16 @@
 //! A blocking client connection to the server, shared by the CLI and the C ABI.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
+use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::frame::{FrameError, read_frame, write_frame};
-use crate::msg::{ClientRequest, Hello, ProtoError, Role, ServerReply};
+use crate::msg::{ClientRequest, Hello, JobSpec, MAX_RESERVED, ProtoError, Role, ServerReply};
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +97,30 @@ pub struct Client {
     server_name: String,
     /// Where it connected, to connect again.
     addr: ServerAddr,
+    /// Sequence numbers the server set aside for this connection, not used yet.
+    reserved: Range<u64>,
+    /// How many numbers the next reservation asks for.
+    next_block: u32,
+    /// Pipelined submissions whose replies are not read yet, in order.
+    outstanding: VecDeque<u64>,
+    /// Replies to pipelined submissions, read but not taken.
+    answered: Vec<(u64, Result<(), ProtoError>)>,
+    /// Set while pipelined submissions wait for their replies; shared, so
+    /// that other threads can see it without this client (see
+    /// [`Client::unconfirmed_flag`]).
+    unconfirmed: Arc<AtomicBool>,
 }
+
+/// Pipelined submissions a client writes before it reads their replies, so
+/// that replies never pile up in the socket while the client is writing.
+pub const MAX_OUTSTANDING: usize = 256;
+
+/// Numbers asked for by a connection's first reservation; each next one asks
+/// for twice as many, up to [`LARGEST_BLOCK`].
+const FIRST_BLOCK: u32 = 16;
+
+/// Most numbers one reservation of [`Client::reserve_seq`] asks for.
+const LARGEST_BLOCK: u32 = 4096;
 
 /// How long [`Client::request_reconnecting`] tries to reach a server that
 /// went away (a restart) before it gives up.
@@ -154,6 +181,11 @@ impl Client {
             writer: BufWriter::new(w),
             server_name: String::new(),
             addr: addr.clone(),
+            reserved: 0..0,
+            next_block: FIRST_BLOCK,
+            outstanding: VecDeque::new(),
+            answered: Vec::new(),
+            unconfirmed: Arc::default(),
         };
         write_frame(&mut client.writer, &Hello::new(Role::Client))?;
         client.writer.flush().map_err(FrameError::Io)?;
@@ -208,7 +240,12 @@ impl Client {
                 std::thread::sleep(pause.min(give_up - now));
                 pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
                 match Client::connect(&self.addr) {
-                    Ok(fresh) => {
+                    Ok(mut fresh) => {
+                        // What the old connection learnt stays; its
+                        // reservation and unanswered submissions went with it.
+                        fresh.answered = std::mem::take(&mut self.answered);
+                        fresh.unconfirmed = self.unconfirmed.clone();
+                        fresh.unconfirmed.store(false, Ordering::Release);
                         *self = fresh;
                         break;
                     }
@@ -220,13 +257,102 @@ impl Client {
     }
 
     /// Sends one request and returns its reply; a [`ServerReply::Error`] becomes
-    /// [`ClientError::Server`].
+    /// [`ClientError::Server`]. Pipelined submissions not sent yet go first,
+    /// in the same write, and their replies are read before this one's (see
+    /// [`Client::take_answered`]).
     pub fn request(&mut self, req: &ClientRequest) -> Result<ServerReply, ClientError> {
         write_frame(&mut self.writer, req)?;
-        self.writer.flush().map_err(FrameError::Io)?;
+        self.send_buffered()?;
+        self.read_outstanding()?;
         match read_frame::<ServerReply>(&mut self.reader)? {
             ServerReply::Error(e) => Err(ClientError::Server(e)),
             reply => Ok(reply),
         }
+    }
+
+    /// The next sequence number of this connection's reservation, asking the
+    /// server for a new block when it is used up (blocks grow from 16 to
+    /// 4096 numbers as a client keeps submitting).
+    pub fn reserve_seq(&mut self) -> Result<u64, ClientError> {
+        if self.reserved.is_empty() {
+            let count = self.next_block.min(MAX_RESERVED);
+            match self.request(&ClientRequest::Reserve { count })? {
+                ServerReply::Reserved { first, count } if count > 0 => {
+                    self.reserved = first..first.saturating_add(u64::from(count));
+                }
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+            self.next_block = (self.next_block * 2).min(LARGEST_BLOCK);
+        }
+        let seq = self.reserved.start;
+        self.reserved.start += 1;
+        Ok(seq)
+    }
+
+    /// Writes a submission under `seq` (from [`Client::reserve_seq`])
+    /// without waiting for its reply. It reaches the server when the write
+    /// buffer fills, at the next [`Client::request`] or at
+    /// [`Client::flush_pipelined`]; its reply is read then and kept for
+    /// [`Client::take_answered`]. Every [`MAX_OUTSTANDING`] submissions the
+    /// replies are read here.
+    pub fn submit_pipelined(&mut self, seq: u64, spec: JobSpec) -> Result<(), ClientError> {
+        write_frame(&mut self.writer, &ClientRequest::SubmitReserved { seq, spec: Box::new(spec) })?;
+        self.outstanding.push_back(seq);
+        self.unconfirmed.store(true, Ordering::Release);
+        if self.outstanding.len() >= MAX_OUTSTANDING {
+            self.flush_pipelined()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the pipelined submissions not sent yet and reads every reply
+    /// still owed.
+    pub fn flush_pipelined(&mut self) -> Result<(), ClientError> {
+        if self.outstanding.is_empty() {
+            return Ok(());
+        }
+        self.send_buffered()?;
+        self.read_outstanding()
+    }
+
+    /// Writes the pipelined submissions still in the buffer to the socket,
+    /// without reading their replies.
+    pub fn send_buffered(&mut self) -> Result<(), ClientError> {
+        Ok(self.writer.flush().map_err(FrameError::Io)?)
+    }
+
+    /// A flag that is set while pipelined submissions wait for their
+    /// replies, and cleared once every reply owed has been read (which any
+    /// request does before it waits for its own reply): another thread can
+    /// tell, without the client, whether the server has queued everything
+    /// this client submitted. It stays this client's across reconnections.
+    pub fn unconfirmed_flag(&self) -> Arc<AtomicBool> {
+        self.unconfirmed.clone()
+    }
+
+    /// The pipelined submissions whose replies have been read: each
+    /// sequence number, and whether the server queued it or why not.
+    pub fn take_answered(&mut self) -> Vec<(u64, Result<(), ProtoError>)> {
+        std::mem::take(&mut self.answered)
+    }
+
+    /// The pipelined submissions whose replies will never be read, because
+    /// the connection broke: the server may or may not have queued them.
+    pub fn take_unanswered(&mut self) -> Vec<u64> {
+        self.outstanding.drain(..).collect()
+    }
+
+    fn read_outstanding(&mut self) -> Result<(), ClientError> {
+        while let Some(&seq) = self.outstanding.front() {
+            let outcome = match read_frame::<ServerReply>(&mut self.reader)? {
+                ServerReply::Submitted { seq: got, .. } if got == seq => Ok(()),
+                ServerReply::Error(e) => Err(e),
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            };
+            self.outstanding.pop_front();
+            self.answered.push((seq, outcome));
+        }
+        self.unconfirmed.store(false, Ordering::Release);
+        Ok(())
     }
 }

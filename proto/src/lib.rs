@@ -29,7 +29,9 @@ pub use msg::*;
 /// (with [`TaskRunning`]); [`JobInfo`] gained `run_count`.
 /// 5: [`ClientRequest::Wait`] gained `until` (all or any) and `reply` (states
 /// or results).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: [`ClientRequest::Reserve`] and [`ClientRequest::SubmitReserved`]: a
+/// client names its jobs before it sends them, and pipelines submissions.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Magic number at the start of every [`Hello`], so that a stray peer (an HTTP
 /// client, a port scanner) is recognised at once.

@@ -322,7 +322,29 @@ pub enum ClientRequest {
     /// The outcomes of Python tasks (every task of an array given as a whole).
     /// Replied with [`ServerReply::Results`].
     Results(Vec<JobRef>),
+    /// Set aside `count` sequence numbers (at most [`MAX_RESERVED`]) for this
+    /// connection's [`ClientRequest::SubmitReserved`], so that a client can
+    /// name a job before the server has seen it. Replied with
+    /// [`ServerReply::Reserved`]. A new reservation replaces the previous
+    /// one; numbers left unused when the connection closes are never given
+    /// to another job.
+    Reserve {
+        /// How many numbers.
+        count: u32,
+    },
+    /// Queue a job under a sequence number of this connection's reservation,
+    /// higher than any it submitted before. Replied with
+    /// [`ServerReply::Submitted`], as [`ClientRequest::Submit`] is.
+    SubmitReserved {
+        /// The job's sequence number.
+        seq: u64,
+        /// The job.
+        spec: Box<JobSpec>,
+    },
 }
+
+/// Most sequence numbers one [`ClientRequest::Reserve`] may set aside.
+pub const MAX_RESERVED: u32 = 1 << 16;
 
 /// When a [`ClientRequest::Wait`] is answered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -408,6 +430,14 @@ pub enum ServerReply {
         results: Vec<TaskResult>,
         /// Ids given that name no job the server knows.
         unknown: Vec<JobRef>,
+    },
+    /// Sequence numbers `first` to `first + count - 1` are this
+    /// connection's, for [`ClientRequest::SubmitReserved`].
+    Reserved {
+        /// The first number.
+        first: u64,
+        /// How many.
+        count: u32,
     },
 }
 

@@ -197,6 +197,13 @@ def _lift_buffers(value, is_args, threshold):
     return _lift(value, seen, threshold)
 
 
+def _all_plain(args_kwargs):
+    """Whether every argument of ``(args, kwargs)`` is of a plain type, which
+    the standard pickler writes as cloudpickle would, with no buffers."""
+    args, kwargs = args_kwargs
+    return all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values())
+
+
 def encode(value, allocate_segment=None, *, threshold=THRESHOLD,
            _is_args=False):
     """Encode ``value``; return ``(data, segment_names)``.
@@ -209,7 +216,7 @@ def encode(value, allocate_segment=None, *, threshold=THRESHOLD,
     first use): the holder of ``data`` must keep them alive.  Exceptions from
     pickling or from ``allocate_segment`` propagate.
     """
-    if type(value) in _PLAIN:
+    if type(value) in _PLAIN or (_is_args and _all_plain(value)):
         data = pickle.dumps(value, 5)
         return b"".join((_NO_BUFFERS, _U32.pack(len(data)), data)), []
 

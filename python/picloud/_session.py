@@ -59,6 +59,9 @@ class Session:
                 self.state_dir = self.address
         else:
             self.address = self._find_or_start()
+        # Clients that made pipelined submissions (call()), by thread: any
+        # other thread's request first makes them send what they buffered.
+        self._pipelining = {}
         # Submitted here: sequence numbers, for kill() without ids.
         self.submitted = []
         # Segments a job's arguments use, by sequence number, until it ends.
@@ -99,18 +102,40 @@ class Session:
     # ---- connections
 
     def client(self):
-        """This thread's server connection."""
+        """This thread's server connection. Calls submitted by other threads
+        are sent first, so that a request made here finds them."""
         handle = getattr(self._local, "client", None)
         if handle is None:
             out = ffi.new("picloud_client **")
             check(lib.picloud_client_connect(cstr(self.address), out))
             handle = ffi.gc(out[0], lib.picloud_client_free)
             self._local.client = handle
+        others = self._pipelining
+        if others:
+            me = threading.get_ident()
+            for ident, other in list(others.items()):
+                if ident != me:
+                    # A broken connection is its own thread's to report.
+                    lib.picloud_client_flush(other)
+        return handle
+
+    def pipelining_client(self):
+        """This thread's connection, for pipelined submissions."""
+        handle = self.client()
+        me = threading.get_ident()
+        if self._pipelining.get(me) is not handle:
+            with self._lock:
+                live = {t.ident for t in threading.enumerate()}
+                kept = {i: h for i, h in self._pipelining.items() if i in live and i != me}
+                kept[me] = handle
+                self._pipelining = kept
         return handle
 
     def reset_client(self):
         """Drops this thread's connection (after it broke)."""
         self._local.client = None
+        with self._lock:
+            self._pipelining = {i: h for i, h in self._pipelining.items() if i != threading.get_ident()}
 
     def agent(self):
         """The node agent's connection, for segments."""

@@ -222,6 +222,24 @@ class _Options:
         return c
 
 
+# Options of calls with no reserved keyword, by (name, working directory):
+# C reads them and never writes, so one struct serves every such call.
+_plain_options = {}
+
+
+def _options(options, name):
+    """The ``_Options`` of a submission (shared when ``options`` is empty)."""
+    if options:
+        return _Options(options, name)
+    key = (name, os.getcwd())
+    opts = _plain_options.get(key)
+    if opts is None:
+        if len(_plain_options) >= 64:
+            _plain_options.clear()
+        opts = _plain_options[key] = _Options(options, name)
+    return opts
+
+
 # C strings that most submissions repeat (the interpreter, the working
 # directory), by their text. A submission keeps a reference to each string it
 # points to until its C call returns, so dropping them here is always safe.
@@ -254,8 +272,11 @@ def _sys_path_array():
     return current
 
 
-def _submit(s, function, arg_blobs, segments, options, name):
-    """Submits one job of ``len(arg_blobs)`` tasks; returns its sequence number."""
+def _submit(s, function, arg_blobs, segments, options, name, pipelined=False):
+    """Submits one job of ``len(arg_blobs)`` tasks; returns its sequence
+    number. ``pipelined``: without waiting for the server, which hears of it
+    with this thread's next request, or within a millisecond (a refusal is
+    raised by the first call that names the job)."""
     keep = []
     call = ffi.new("picloud_python_call *")
     call.struct_size = ffi.sizeof("picloud_python_call")
@@ -276,9 +297,12 @@ def _submit(s, function, arg_blobs, segments, options, name):
     names = [cstr(n) for n in dict.fromkeys(segments)]
     name_arr = ffi.new("const char *[]", names) if names else ffi.NULL
     call.segments, call.segments_len = name_arr, len(names)
-    opts = _Options(options, name)
+    opts = _options(options, name)
     seq = ffi.new("uint64_t *")
-    check(lib.picloud_client_submit_python(s.client(), call, opts.c, seq))
+    if pipelined:
+        check(lib.picloud_client_submit_python_async(s.pipelining_client(), call, opts.c, seq))
+    else:
+        check(lib.picloud_client_submit_python(s.client(), call, opts.c, seq))
     return seq[0]
 
 
@@ -299,7 +323,7 @@ def call(func, *args, **kwargs):
     function = _pickle_function(func)
     segments = []
     blob, names = _encode_args(s, args, kwargs, segments)
-    seq = _submit(s, function, [blob], names, options, _function_name(func))
+    seq = _submit(s, function, [blob], names, options, _function_name(func), pipelined=True)
     _remember(s, seq, names, segments)
     return Jid(seq)
 

@@ -127,6 +127,63 @@ def test_unknown_job_ids_are_clear_errors(cluster):
     assert "999999" in str(info.value)
 
 
+def test_a_call_reaches_the_server_with_no_further_request(cluster):
+    # call() returns before the server hears of the job; with no other
+    # request from this process, libpicloud sends it within a millisecond.
+    jid = cloud.call(lambda: 7)
+    deadline = time.monotonic() + 10
+    while True:
+        out = cluster.run("stat", "--json", jid.job_id, check=False)
+        if out.returncode == 0 and json.loads(out.stdout):
+            break
+        assert time.monotonic() < deadline, f"job {jid.job_id} never reached the server: {out.stderr}"
+        time.sleep(0.05)
+    assert cloud.result(jid) == 7
+
+
+def test_a_call_is_seen_at_once_by_another_thread(cluster):
+    # Each thread has its own connection: a request from one sends the
+    # calls another has buffered first.
+    jids, answers = [], []
+    ready, asked = threading.Event(), threading.Event()
+
+    def ask():
+        for _ in range(30):
+            ready.wait()
+            ready.clear()
+            try:
+                answers.append(cloud.status(jids[-1]))
+            except Exception as e:  # noqa: BLE001 - reported below
+                answers.append(e)
+            asked.set()
+
+    t = threading.Thread(target=ask)
+    t.start()
+    for _ in range(30):
+        jids.append(cloud.call(time.sleep, 0))
+        ready.set()
+        asked.wait()
+        asked.clear()
+    t.join()
+    errors = [a for a in answers if isinstance(a, Exception)]
+    assert not errors, errors[:3]
+    assert len(answers) == 30
+    assert cloud.result(jids) == [None] * 30
+
+
+def test_a_call_the_server_refuses_raises_when_its_jid_is_used(cluster):
+    before = cloud.call(lambda: "before")
+    refused = cloud.call(lambda: None, _cores=10_000)
+    after = cloud.call(lambda: "after", _depends_on=before)
+    for look in (cloud.result, cloud.status, cloud.info):
+        with pytest.raises(_ffi.PicloudError) as info:
+            look(refused)
+        assert f"job {refused.seq} was not queued" in str(info.value)
+        assert "cpus" in str(info.value) or "core" in str(info.value), str(info.value)
+    # The calls around it are not affected.
+    assert cloud.result([before, after]) == ["before", "after"]
+
+
 def test_reserved_keywords(cluster):
     assert cloud.result(cloud.call(lambda: os.environ["COLOR"], _env={"COLOR": "blue"})) == "blue"
     assert cloud.result(cloud.call(lambda: len(os.sched_getaffinity(0)), _cores=2)) == 2

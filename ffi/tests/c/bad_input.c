@@ -165,6 +165,59 @@ static void submitting(picloud_client *client) {
     EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_submit_python(client, &call, NULL, &seq));
 }
 
+/* Pipelined submissions: checked at once where the library can; the server's
+ * refusal comes back through the calls that name the job. */
+static void pipelined(picloud_client *client) {
+    picloud_python_call call;
+    memset(&call, 0, sizeof call);
+    call.struct_size = sizeof call;
+    uint64_t seq = 0;
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_submit_python_async(NULL, &call, NULL, &seq));
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_submit_python_async(client, NULL, NULL, &seq));
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_submit_python_async(client, &call, NULL, NULL));
+    EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_submit_python_async(client, &call, NULL, &seq));
+    MENTIONS("args_len");
+    EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_flush(NULL));
+    EXPECT(PICLOUD_ERR_INVALID_HANDLE, picloud_client_flush((picloud_client *)&call));
+
+    /* More cores than any node has: accepted here, refused by the server. */
+    static const uint8_t function[] = "not a pickle";
+    static const uint8_t args[] = "no arguments";
+    picloud_bytes arg = {args, sizeof args};
+    call.function.data = function;
+    call.function.len = sizeof function;
+    call.args = &arg;
+    call.args_len = 1;
+    picloud_job_options o;
+    memset(&o, 0, sizeof o);
+    o.struct_size = sizeof o;
+    o.ncpus = 100000;
+    EXPECT(PICLOUD_OK, picloud_client_submit_python_async(client, &call, &o, &seq));
+    CHECK(seq != 0);
+    EXPECT(PICLOUD_OK, picloud_client_flush(client));
+    picloud_task_status st;
+    memset(&st, 0, sizeof st);
+    st.struct_size = sizeof st;
+    EXPECT(PICLOUD_ERR_SERVER, picloud_client_status(client, seq, -1, &st));
+    MENTIONS("was not queued");
+    EXPECT(PICLOUD_ERR_SERVER, picloud_client_wait(client, &seq, 1, 0, PICLOUD_WAIT_ALL, NULL));
+    MENTIONS("was not queued");
+    picloud_results *r = NULL;
+    EXPECT(PICLOUD_ERR_SERVER, picloud_client_results(client, seq, -1, &r));
+    CHECK(r == NULL);
+    EXPECT(PICLOUD_ERR_SERVER, picloud_client_cancel(client, seq, -1));
+
+    /* The next pipelined submission gets the next number and is queued. */
+    uint64_t next = 0;
+    o.ncpus = 1;
+    o.flags = PICLOUD_JOB_HOLD;
+    EXPECT(PICLOUD_OK, picloud_client_submit_python_async(client, &call, &o, &next));
+    CHECK(next > seq);
+    EXPECT(PICLOUD_OK, picloud_client_status(client, next, -1, &st));
+    CHECK(st.state == PICLOUD_STATE_HELD);
+    EXPECT(PICLOUD_OK, picloud_client_cancel(client, next, -1));
+}
+
 static void waiting_and_status(picloud_client *client) {
     const char *sleeper[] = {"sleep", "30"};
     uint64_t seq = 0;
@@ -370,6 +423,7 @@ int main(int argc, char **argv) {
     }
     handles(client, dir);
     submitting(client);
+    pipelined(client);
     waiting_and_status(client);
     results(client);
     segments(dir);

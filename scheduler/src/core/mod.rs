@@ -561,8 +561,8 @@ impl Core {
 
     /// Rebuilds a job after a restart of the server: like a submission of
     /// the tasks still to start, with what the job's ended tasks decided
-    /// (see [`RestoredJob`]). Jobs are restored in sequence order, after
-    /// every finished job they may depend on ([`Core::restore_finished`]).
+    /// (see [`RestoredJob`]). Jobs are restored after every job they
+    /// depend on (finished ones by [`Core::restore_finished`]).
     /// A dependency that can never be met now ends the job at once (its
     /// decisions go to `out`). Nothing starts until [`Core::apply`] runs.
     pub fn restore_job(&mut self, seq: u64, job: RestoredJob, out: &mut Vec<Decision>) {

@@ -43,8 +43,12 @@
 //! whose submission is not synced yet must not run before it could survive
 //! a crash, so an agent's output that starts (or defines) such a job waits
 //! for the sync, as does the rest of that agent's output until it has left
-//! (an agent hears everything in order). After a crash, a task started
-//! without a durable `Started` is simply queued again (`restore.rs`).
+//! (an agent hears everything in order). Which jobs those are is kept per
+//! job, by the batch that submitted it: a job under a reserved sequence
+//! number (`Reserve`, `SubmitReserved`) may come after jobs of higher
+//! numbers, so numbers say nothing of what is synced. After a crash, a
+//! task started without a durable `Started` is simply queued again
+//! (`restore.rs`).
 //!
 //! Every change of the job table goes through [`CoreLoop::record`], which
 //! appends it to the journal's open batch and applies it (`durable.rs`).
@@ -55,14 +59,14 @@
 //! partial batch).
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use picloud_proto::{
-    AgentMsg, ClientRequest, Dependency, ErrorKind, JobDefinition, JobRef, JobSpec, ProtoError, RefOutcome,
-    ServerReply, StartTask, TaskEnd, TaskRunning, ToAgent, WaitReply, WaitUntil,
+    AgentMsg, ClientRequest, Dependency, ErrorKind, JobDefinition, JobRef, JobSpec, MAX_RESERVED, ProtoError,
+    RefOutcome, ServerReply, StartTask, TaskEnd, TaskRunning, ToAgent, WaitReply, WaitUntil,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -77,9 +81,8 @@ use crate::core::{Core, Decision, Event, NodeId, NodeShape, Phase, Request};
 mod nodes;
 mod restore;
 
-/// A batch whose output the syncer released: (its number, the last
-/// sequence number it gave).
-type Released = (u64, u64);
+/// The number of a batch whose output the syncer released.
+type Released = u64;
 
 /// A change as the core thread records it: task ends are borrowed.
 type LiveChange<'a> = Change<&'a TaskEnd>;
@@ -127,6 +130,18 @@ struct Waiter {
     reply: WaitReply,
     /// The waiting user, to whom results are given.
     uid: u32,
+    /// For a wait for all: `refs[..ended]` are known to have ended (a job
+    /// that has ended stays ended), so each check starts at the first that
+    /// had not, rather than looking at every job of a long list again.
+    ended: usize,
+}
+
+/// The sequence numbers a client's connection reserved (`Reserve`) and has
+/// not used yet: `next..end`, to be used in increasing order.
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    next: u64,
+    end: u64,
 }
 
 /// Frames for one connection, gathered during a batch.
@@ -216,8 +231,15 @@ pub struct CoreLoop {
     batch_no: u64,
     /// Released batches, from the syncer.
     synced: (Sender<Released>, Receiver<Released>),
-    /// Jobs up to this sequence number are on disk.
-    synced_seq: u64,
+    /// Jobs submitted (with a journal) whose batch is not released yet, as
+    /// (that batch's number, sequence number), in submission order; with
+    /// reserved numbers that need not be sequence order.
+    unsynced: VecDeque<(u64, u64)>,
+    /// The sequence numbers of `unsynced`: a job's tasks may start only
+    /// once its submission is on disk (see the module doc).
+    unsynced_seqs: HashSet<u64>,
+    /// Each client connection's reservation of sequence numbers.
+    reservations: HashMap<ConnId, Reservation>,
     /// Agents with output waiting for a sync, and the last batch it is in.
     pending_agents: HashMap<ConnId, u64>,
     /// Agents' connections whose output this batch must wait for the sync.
@@ -279,7 +301,9 @@ impl CoreLoop {
             syncer: None,
             batch_no: 0,
             synced: crossbeam_channel::unbounded(),
-            synced_seq: 0,
+            unsynced: VecDeque::new(),
+            unsynced_seqs: HashSet::new(),
+            reservations: HashMap::new(),
             pending_agents: HashMap::new(),
             hold_for_commit: Vec::new(),
         }
@@ -403,9 +427,15 @@ impl CoreLoop {
 
     /// Notes the batches the syncer has released.
     fn take_synced(&mut self) {
-        for (batch, seq) in self.synced.1.try_iter() {
-            self.synced_seq = self.synced_seq.max(seq);
+        for batch in self.synced.1.try_iter() {
             self.pending_agents.retain(|_, b| *b > batch);
+            while let Some(&(b, seq)) = self.unsynced.front() {
+                if b > batch {
+                    break;
+                }
+                self.unsynced.pop_front();
+                self.unsynced_seqs.remove(&seq);
+            }
         }
     }
 
@@ -441,7 +471,7 @@ impl CoreLoop {
             });
         }
         let (snapshots, out, wake) = (self.snapshots.clone(), self.out.clone(), self.wake.clone());
-        let (synced, seq) = (self.synced.0.clone(), self.next_seq - 1);
+        let synced = self.synced.0.clone();
         let release = move || {
             if let Some(snap) = snapshot {
                 snapshots.store(snap);
@@ -453,7 +483,7 @@ impl CoreLoop {
                 }
                 wake();
             }
-            let _ = synced.send((batch, seq));
+            let _ = synced.send(batch);
         };
         match (&self.syncer, ticket) {
             (Some(s), ticket) => s.after_sync(ticket, Box::new(release)),
@@ -750,7 +780,9 @@ impl CoreLoop {
 
     fn on_request(&mut self, conn: ConnId, caller: &Caller, req: ClientRequest) {
         let room = match &req {
-            ClientRequest::Submit(spec) => durable::encoded_size(spec) + REQUEST_SLACK,
+            ClientRequest::Submit(spec) | ClientRequest::SubmitReserved { spec, .. } => {
+                durable::encoded_size(spec) + REQUEST_SLACK
+            }
             ClientRequest::Cancel(refs) | ClientRequest::Release(refs) => {
                 REQUEST_SLACK * refs.len().max(1) as u64
             }
@@ -764,10 +796,37 @@ impl CoreLoop {
             }
         }
         match req {
-            ClientRequest::Submit(spec) => match self.submit(*spec, caller) {
+            ClientRequest::Submit(spec) => match self.submit(*spec, caller, None) {
                 Ok((seq, id)) => self.reply(conn, &ServerReply::Submitted { seq, id }),
                 Err(e) => self.reply(conn, &ServerReply::Error(e)),
             },
+            ClientRequest::Reserve { count } => {
+                if count == 0 || count > MAX_RESERVED {
+                    return self.error(
+                        conn,
+                        ErrorKind::Invalid,
+                        format!("cannot reserve {count} job numbers: ask for 1 to {MAX_RESERVED}"),
+                    );
+                }
+                // Nothing to record: the numbers are this connection's only,
+                // and a restart, which ends it, may give them again.
+                let first = self.next_seq;
+                self.next_seq += u64::from(count);
+                self.reservations.insert(conn, Reservation { next: first, end: first + u64::from(count) });
+                self.reply(conn, &ServerReply::Reserved { first, count });
+            }
+            ClientRequest::SubmitReserved { seq, spec } => {
+                let result = self.reserved(conn, seq).and_then(|()| self.submit(*spec, caller, Some(seq)));
+                match result {
+                    Ok((seq, id)) => {
+                        if let Some(r) = self.reservations.get_mut(&conn) {
+                            r.next = seq + 1;
+                        }
+                        self.reply(conn, &ServerReply::Submitted { seq, id })
+                    }
+                    Err(e) => self.reply(conn, &ServerReply::Error(e)),
+                }
+            }
             ClientRequest::Cancel(refs) => {
                 let outcomes = refs.iter().map(|r| (*r, self.cancel(*r, caller))).collect();
                 self.reply(conn, &ServerReply::Cancelled(outcomes));
@@ -801,7 +860,15 @@ impl CoreLoop {
                     }
                 }
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-                self.waiters.push(Waiter { conn, refs: jobs, deadline, until, reply, uid: caller.uid });
+                self.waiters.push(Waiter {
+                    conn,
+                    refs: jobs,
+                    deadline,
+                    until,
+                    reply,
+                    uid: caller.uid,
+                    ended: 0,
+                });
                 self.ended_since_check = true;
             }
             ClientRequest::Shutdown => {
@@ -827,7 +894,35 @@ impl CoreLoop {
         }
     }
 
-    fn submit(&mut self, spec: JobSpec, caller: &Caller) -> Result<(u64, String), ProtoError> {
+    /// Checks that `conn` may submit a job under `seq` (`SubmitReserved`).
+    fn reserved(&self, conn: ConnId, seq: u64) -> Result<(), ProtoError> {
+        match self.reservations.get(&conn) {
+            Some(r) if (r.next..r.end).contains(&seq) => Ok(()),
+            r => {
+                let left = match r {
+                    Some(r) if r.next < r.end => format!("; numbers {} to {} are left", r.next, r.end - 1),
+                    _ => String::new(),
+                };
+                Err(ProtoError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "job number {seq} is not reserved by this connection (reserve numbers first; each may \
+                         be used once, in increasing order){left}"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Queues a job, under the next sequence number or (`SubmitReserved`)
+    /// under `reserved`, which the caller checked. Nothing is changed
+    /// unless it succeeds.
+    fn submit(
+        &mut self,
+        spec: JobSpec,
+        caller: &Caller,
+        reserved: Option<u64>,
+    ) -> Result<(u64, String), ProtoError> {
         let invalid = |m: String| ProtoError::new(ErrorKind::Invalid, m);
         if spec.resources.ncpus == 0 {
             return Err(invalid("ncpus must be at least 1".into()));
@@ -859,8 +954,14 @@ impl CoreLoop {
                 format!("dependency on Unknown Job Id {}.{}", d.on, self.facts.name),
             ));
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = match reserved {
+            Some(seq) => seq,
+            None => {
+                self.next_seq += 1;
+                self.next_seq - 1
+            }
+        };
+        debug_assert!(self.jobs.get(seq).is_none(), "sequence number {seq} used twice");
         for d in &spec.depend {
             let deps = self.dependents.entry(d.on.seq()).or_default();
             if !deps.contains(&seq) {
@@ -875,6 +976,11 @@ impl CoreLoop {
             gid: caller.gid,
             ctime: unix_now(),
         });
+        if self.journal.is_some() {
+            // Its tasks wait for the sync of this batch (`carry_out`).
+            self.unsynced.push_back((self.batch_no + 1, seq));
+            self.unsynced_seqs.insert(seq);
+        }
         let id = self.jobs.get(seq).expect("just recorded").id(&self.facts.name);
         debug!(%id, user = %caller.user, "submitted");
         self.touched.push(seq);
@@ -983,6 +1089,8 @@ impl CoreLoop {
     }
 
     fn closed(&mut self, conn: ConnId) {
+        // Its numbers left unused are never given to another job.
+        self.reservations.remove(&conn);
         self.waiters.retain(|w| w.conn != conn);
         self.outbox.remove(&conn);
         let Some(node) = self.agent_conns.remove(&conn) else { return };
@@ -1012,7 +1120,7 @@ impl CoreLoop {
                 let (node, cpus, gpus) = (first.node, first.pus.clone(), first.gpus.clone());
                 let Some(conn) = self.links.get(&node).and_then(|l| l.conn) else { return };
                 let Some(job) = self.jobs.get(task.seq) else { return };
-                if task.seq > self.synced_seq && !self.hold_for_commit.contains(&conn) {
+                if self.unsynced_seqs.contains(&task.seq) && !self.hold_for_commit.contains(&conn) {
                     self.hold_for_commit.push(conn);
                 }
                 let defined = self.defined_on.entry(task.seq).or_default();
@@ -1125,11 +1233,14 @@ impl CoreLoop {
         let now = Instant::now();
         if self.ended_since_check || self.waiters.iter().any(|w| w.deadline.is_some_and(|d| d <= now)) {
             self.ended_since_check = false;
-            for w in std::mem::take(&mut self.waiters) {
+            for mut w in std::mem::take(&mut self.waiters) {
                 // A job forgotten meanwhile has ended too.
                 let ended = |r: &JobRef| self.jobs.get(r.seq()).is_none_or(|j| j.ref_ended(r));
                 let done = match w.until {
-                    WaitUntil::All => w.refs.iter().all(ended),
+                    WaitUntil::All => {
+                        w.ended += w.refs[w.ended..].iter().take_while(|r| ended(r)).count();
+                        w.ended == w.refs.len()
+                    }
                     WaitUntil::Any => w.refs.iter().any(ended),
                 };
                 if done {

@@ -175,3 +175,40 @@ fn a_wait_times_out_and_the_connection_goes_on() {
     assert!(matches!(c.request(&stat_one(seq)).unwrap(), ServerReply::Jobs { jobs, .. } if jobs.len() == 1));
     server.stop();
 }
+
+#[test]
+fn reserved_numbers_are_the_core_threads_and_their_connections() {
+    let server = TestServer::start();
+    let mut s = server.raw();
+    let mut wire = Vec::new();
+    let reserved = |seq| ClientRequest::SubmitReserved { seq, spec: Box::new(spec()) };
+    encode_into(&Hello::new(Role::Client), &mut wire);
+    encode_into(&ClientRequest::Reserve { count: 3 }, &mut wire);
+    // Pipelined: each number is known before the reply to its reservation.
+    encode_into(&reserved(2), &mut wire);
+    encode_into(&stat_one(2), &mut wire);
+    encode_into(&reserved(2), &mut wire);
+    s.write_all(&wire).unwrap();
+    assert!(matches!(read_frame(&mut s).unwrap(), ServerReply::Welcome { .. }));
+    assert_eq!(read_frame::<ServerReply>(&mut s).unwrap(), ServerReply::Reserved { first: 1, count: 3 });
+    assert!(matches!(read_frame(&mut s).unwrap(), ServerReply::Submitted { seq: 2, id } if id == "2.srv"));
+    assert!(matches!(read_frame(&mut s).unwrap(), ServerReply::Jobs { jobs, .. } if jobs.len() == 1));
+    assert!(
+        matches!(read_frame(&mut s).unwrap(), ServerReply::Error(e) if e.message.contains("job number 2"))
+    );
+    // Another connection may not use them; its own job comes after them.
+    let mut c = server.client();
+    match c.request(&reserved(3)) {
+        Err(picloud_proto::ClientError::Server(e)) => {
+            assert_eq!(e.kind, picloud_proto::ErrorKind::Invalid);
+            assert!(e.message.contains("job number 3 is not reserved by this connection"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.request(&ClientRequest::Submit(Box::new(spec()))).unwrap(),
+        ServerReply::Submitted { seq: 4, .. }
+    ));
+    drop(s);
+    server.stop();
+}

@@ -12,8 +12,10 @@
 //!    it reconnects (`nodes.rs`); those no agent reports within the node
 //!    timeout get their fate from [`fate_of_running`], the one place that
 //!    decides it, and the decision is recorded like any other change;
-//! 4. the scheduling core is rebuilt in sequence order (so that every job
-//!    comes after the jobs it depends on): finished jobs by their outcome,
+//! 4. the scheduling core is rebuilt with every job after the jobs it
+//!    depends on ([`restore_order`]: sequence order, but for a job
+//!    submitted under a reserved number, which may depend on jobs of
+//!    higher numbers submitted before it): finished jobs by their outcome,
 //!    unfinished ones as a submission of the tasks still to start plus
 //!    their unconfirmed tasks, held as they were, waiting only on
 //!    dependencies not yet met;
@@ -21,7 +23,7 @@
 //!    now) is carried out, and the first batch records, publishes and
 //!    sends it all.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use picloud_proto::{ArrayIndices, JobRef, NodeInfo, TaskId};
@@ -30,7 +32,7 @@ use tracing::{info, warn};
 use super::{CoreLoop, LiveChange, request_of, unix_now};
 use crate::core::{NodeId, RestoredJob};
 use crate::server::durable::{Replayed, SavedEndReason};
-use crate::server::jobs::{JobRecord, JobTable, TaskRecord};
+use crate::server::jobs::{JobMap, JobRecord, JobTable, TaskRecord};
 use crate::server::snapshot::NodeView;
 
 /// What becomes of a task that the journal says was running when the
@@ -120,7 +122,7 @@ impl CoreLoop {
                 }
             }
         }
-        let seqs: Vec<u64> = self.jobs.map().keys().copied().collect();
+        let seqs = restore_order(self.jobs.map());
         let mut decisions = Vec::new();
         let mut unrestorable = Vec::new();
         for &seq in &seqs {
@@ -161,6 +163,45 @@ impl CoreLoop {
         }
         self.touched.extend(seqs);
     }
+}
+
+/// The jobs of `jobs` in an order where each comes after the jobs it
+/// depends on: sequence order, except that a job depending on jobs of
+/// higher numbers (it was submitted under a number reserved before them)
+/// comes after them. The core judges a dependency when it adds the job,
+/// from what it knows of the job depended on then. O(jobs + dependencies);
+/// dependencies form no cycle (a job may depend only on jobs that existed
+/// when it was submitted).
+pub(crate) fn restore_order(jobs: &JobMap) -> Vec<u64> {
+    let mut order = Vec::with_capacity(jobs.len());
+    // Jobs placed before their turn in sequence order.
+    let mut early = HashSet::new();
+    // Depth-first, iterative (chains of dependencies may be long): each job
+    // with the position of its next dependency to look at.
+    let mut stack: Vec<(u64, usize)> = Vec::new();
+    for &root in jobs.keys() {
+        if early.remove(&root) {
+            continue;
+        }
+        stack.push((root, 0));
+        while let Some((seq, next)) = stack.last_mut() {
+            match jobs.get(seq).and_then(|j| j.spec.depend.get(*next)) {
+                Some(d) => {
+                    *next += 1;
+                    // Jobs numbered below `root` are placed already.
+                    let on = d.on.seq();
+                    if on > root && jobs.contains_key(&on) && early.insert(on) {
+                        stack.push((on, 0));
+                    }
+                }
+                None => {
+                    order.push(*seq);
+                    stack.pop();
+                }
+            }
+        }
+    }
+    order
 }
 
 /// Whether a dependency of `kind` on a task that ended with `success` is met.

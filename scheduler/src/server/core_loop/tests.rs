@@ -589,3 +589,4 @@ fn ngpus_and_place_become_the_core_request() {
 
 mod durability;
 mod faults;
+mod reserve;

@@ -20,7 +20,7 @@ fn jconfig(state: &Path) -> ServerConfig {
     }
 }
 
-fn open(state: &Path) -> Harness {
+pub(super) fn open(state: &Path) -> Harness {
     let (tx, rx) = unbounded();
     let core = CoreLoop::open(&jconfig(state), tx, || {}).expect("the journal opens");
     Harness { core, out: rx }
@@ -38,11 +38,11 @@ fn outcome(text: &str) -> PythonOutcome {
     }
 }
 
-fn report(ends: Vec<TaskEnd>) -> Inbound {
+pub(super) fn report(ends: Vec<TaskEnd>) -> Inbound {
     Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(ends) }
 }
 
-fn joined(cores: u32) -> Vec<Inbound> {
+pub(super) fn joined(cores: u32) -> Vec<Inbound> {
     join(AGENT, node_info(cores), vec![])
 }
 
