@@ -74,6 +74,7 @@ fn config(state: &Path, journal: JournalConfig) -> ServerConfig {
         keep_finished: Duration::from_secs(86_400),
         core: Default::default(),
         journal,
+        threads: Default::default(),
     }
 }
 

@@ -69,6 +69,7 @@ impl Running {
             keep_finished: Duration::from_secs(3600),
             core: Default::default(),
             journal: picloud_scheduler::server::JournalConfig::disabled(),
+            threads: Default::default(),
         };
         let core = CoreThread::spawn(&config);
         let info = NodeInfo {

@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 use picloud_proto::client::default_state_dir;
 use picloud_proto::{Client, ClientRequest, ServerAddr, ServerReply};
 use picloud_scheduler::core::policy::{CoreConfig, Policy};
+use picloud_scheduler::server::ServerThreads;
 
 /// Arguments of `picloud server`.
 #[derive(Debug, clap::Args)]
@@ -41,6 +42,12 @@ pub(crate) struct ServerArgs {
     /// lost; the next loss fails it.
     #[arg(long, default_value = "3")]
     node_loss_retries: u32,
+    /// Run the scheduling core on the I/O thread instead of a thread of its
+    /// own: fewer thread switches per request, for a cluster of one machine
+    /// with few cores (`picloud up` uses it). A long scheduling pass then
+    /// delays the sockets.
+    #[arg(long)]
+    inline_core: bool,
     #[command(flatten)]
     journal: JournalArgs,
 }
@@ -184,6 +191,7 @@ pub(crate) fn server(a: ServerArgs) -> anyhow::Result<()> {
             ..CoreConfig::default()
         },
         journal: a.journal.config(),
+        threads: if a.inline_core { ServerThreads::Inline } else { ServerThreads::Separate },
     };
     picloud_scheduler::server::run(config)?;
     Ok(())
@@ -302,7 +310,8 @@ pub(crate) fn up(a: UpArgs) -> anyhow::Result<()> {
     let keep = format!("{}", a.keep_finished.as_secs());
     let policy = a.policy.to_string();
     let journal_args = a.journal.to_args();
-    let mut server_args = vec!["server", "--keep-finished", &keep, "--policy", &policy];
+    // One machine: the core runs on the server's I/O thread.
+    let mut server_args = vec!["server", "--inline-core", "--keep-finished", &keep, "--policy", &policy];
     server_args.extend(journal_args.iter().map(String::as_str));
     if let Some(name) = &a.name {
         server_args.extend(["--name", name]);

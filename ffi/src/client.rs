@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use picloud_proto::client::RECONNECT_WINDOW;
@@ -80,13 +80,19 @@ impl picloud_client {
     /// Runs `f` with the connection, marking it broken when `f` fails in a way
     /// that leaves the connection out of step.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Client) -> Result<R, FfiError>) -> Result<R, FfiError> {
-        let mut conn = self.conn.lock().map_err(|_| {
-            FfiError::new(
-                PICLOUD_ERR_CONNECTION_LOST,
-                "this picloud_client was in use when libpicloud panicked; free it and connect again",
-            )
-        })?;
-        let client = match &mut *conn {
+        let mut conn = self.conn.lock().map_err(|_| poisoned())?;
+        self.run_on(&mut conn, f)
+    }
+
+    /// Runs `f` with the connection its caller has locked (see
+    /// [`picloud_client::with`]), and notes what the server said of
+    /// pipelined submissions meanwhile.
+    fn run_on<R>(
+        &self,
+        conn: &mut Conn,
+        f: impl FnOnce(&mut Client) -> Result<R, FfiError>,
+    ) -> Result<R, FfiError> {
+        let client = match conn {
             Conn::Ready(c) => c,
             Conn::Broken(why) => {
                 return Err(FfiError::new(
@@ -98,8 +104,8 @@ impl picloud_client {
             }
         };
         let result = f(client);
-        let answered = client.take_answered();
-        if !answered.is_empty() {
+        let (answered, lost) = (client.take_answered(), client.take_lost());
+        if !answered.is_empty() || !lost.is_empty() {
             let mut refused = self.refused();
             for (seq, outcome) in answered {
                 if let Err(e) = outcome {
@@ -109,6 +115,16 @@ impl picloud_client {
                         FfiError::new(e.code, format_args!("job {seq} was not queued: {}", e.message)),
                     );
                 }
+            }
+            for seq in lost {
+                let e = FfiError::new(
+                    PICLOUD_ERR_UNKNOWN_JOB,
+                    format_args!(
+                        "the connection to the server was lost before it confirmed job {seq}; \
+                         it may not have been queued"
+                    ),
+                );
+                refused.insert(seq, e);
             }
         }
         if let Err(e) = &result {
@@ -164,14 +180,21 @@ impl picloud_client {
             if !self.unconfirmed.load(Ordering::Acquire) {
                 return Ok(());
             }
-            if let Ok(conn) = self.conn.try_lock() {
-                drop(conn);
-                return self.flush_pipelined();
+            match self.conn.try_lock() {
+                Ok(mut conn) => return self.run_on(&mut conn, |client| Ok(client.flush_pipelined()?)),
+                Err(TryLockError::Poisoned(_)) => return Err(poisoned()),
+                Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_micros(20)),
             }
-            std::thread::sleep(Duration::from_micros(20));
         }
     }
+}
 
+/// The error of a client whose lock a panic poisoned.
+fn poisoned() -> FfiError {
+    FfiError::new(
+        PICLOUD_ERR_CONNECTION_LOST,
+        "this picloud_client was in use when libpicloud panicked; free it and connect again",
+    )
 }
 
 /// The error for a reply that does not answer the request.
@@ -729,11 +752,13 @@ pub unsafe extern "C" fn picloud_client_submit_python_async(
             client.submit_pipelined(seq, spec)?;
             Ok(seq)
         })?;
-        if !c.flusher.schedule(&c) {
-            c.flush_pipelined()?;
-        }
         // SAFETY: checked above; the caller promises it is writable.
         unsafe { write_out(seq_out, seq) };
+        if !c.flusher.schedule(&c) {
+            // No thread to send it later: now. The job is named either way;
+            // a broken connection is for the next call to report.
+            let _ = c.flush_pipelined();
+        }
         Ok(())
     })
 }

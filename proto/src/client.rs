@@ -103,8 +103,13 @@ pub struct Client {
     next_block: u32,
     /// Pipelined submissions whose replies are not read yet, in order.
     outstanding: VecDeque<u64>,
+    /// Their size on the wire.
+    outstanding_bytes: usize,
     /// Replies to pipelined submissions, read but not taken.
     answered: Vec<(u64, Result<(), ProtoError>)>,
+    /// Pipelined submissions whose connection broke before their replies
+    /// came (the client connected again since), not taken yet.
+    lost: Vec<u64>,
     /// Set while pipelined submissions wait for their replies; shared, so
     /// that other threads can see it without this client (see
     /// [`Client::unconfirmed_flag`]).
@@ -114,6 +119,10 @@ pub struct Client {
 /// Pipelined submissions a client writes before it reads their replies, so
 /// that replies never pile up in the socket while the client is writing.
 pub const MAX_OUTSTANDING: usize = 256;
+
+/// Bytes of pipelined submissions a client writes before it reads their
+/// replies, so that a few large ones do not pile up in the server.
+pub const MAX_OUTSTANDING_BYTES: usize = 8 << 20;
 
 /// Numbers asked for by a connection's first reservation; each next one asks
 /// for twice as many, up to [`LARGEST_BLOCK`].
@@ -184,7 +193,9 @@ impl Client {
             reserved: 0..0,
             next_block: FIRST_BLOCK,
             outstanding: VecDeque::new(),
+            outstanding_bytes: 0,
             answered: Vec::new(),
+            lost: Vec::new(),
             unconfirmed: Arc::default(),
         };
         write_frame(&mut client.writer, &Hello::new(Role::Client))?;
@@ -244,6 +255,8 @@ impl Client {
                         // What the old connection learnt stays; its
                         // reservation and unanswered submissions went with it.
                         fresh.answered = std::mem::take(&mut self.answered);
+                        fresh.lost = std::mem::take(&mut self.lost);
+                        fresh.lost.extend(self.outstanding.drain(..));
                         fresh.unconfirmed = self.unconfirmed.clone();
                         fresh.unconfirmed.store(false, Ordering::Release);
                         *self = fresh;
@@ -293,15 +306,19 @@ impl Client {
     /// without waiting for its reply. It reaches the server when the write
     /// buffer fills, at the next [`Client::request`] or at
     /// [`Client::flush_pipelined`]; its reply is read then and kept for
-    /// [`Client::take_answered`]. Every [`MAX_OUTSTANDING`] submissions the
-    /// replies are read here.
+    /// [`Client::take_answered`]. When [`MAX_OUTSTANDING`] submissions or
+    /// [`MAX_OUTSTANDING_BYTES`] wait for replies, those are read first: an
+    /// error then means this submission was not written.
     pub fn submit_pipelined(&mut self, seq: u64, spec: JobSpec) -> Result<(), ClientError> {
-        write_frame(&mut self.writer, &ClientRequest::SubmitReserved { seq, spec: Box::new(spec) })?;
-        self.outstanding.push_back(seq);
-        self.unconfirmed.store(true, Ordering::Release);
-        if self.outstanding.len() >= MAX_OUTSTANDING {
+        if self.outstanding.len() >= MAX_OUTSTANDING || self.outstanding_bytes >= MAX_OUTSTANDING_BYTES {
             self.flush_pipelined()?;
         }
+        let request = ClientRequest::SubmitReserved { seq, spec: Box::new(spec) };
+        let size = bincode::serialized_size(&request).map_or(usize::MAX, |n| n as usize);
+        write_frame(&mut self.writer, &request)?;
+        self.outstanding.push_back(seq);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_add(size);
+        self.unconfirmed.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -336,10 +353,11 @@ impl Client {
         std::mem::take(&mut self.answered)
     }
 
-    /// The pipelined submissions whose replies will never be read, because
-    /// the connection broke: the server may or may not have queued them.
-    pub fn take_unanswered(&mut self) -> Vec<u64> {
-        self.outstanding.drain(..).collect()
+    /// The pipelined submissions whose connection broke before the server
+    /// confirmed them, found when [`Client::request_reconnecting`] connected
+    /// again: the server may or may not have queued them.
+    pub fn take_lost(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.lost)
     }
 
     fn read_outstanding(&mut self) -> Result<(), ClientError> {
@@ -352,7 +370,152 @@ impl Client {
             self.outstanding.pop_front();
             self.answered.push((seq, outcome));
         }
+        self.outstanding_bytes = 0;
         self.unconfirmed.store(false, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Pipelined submissions against a scripted server on a Unix socket.
+
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    use super::*;
+    use crate::msg::{ErrorKind, JobCommand};
+
+    /// A listener in a fresh directory, and its address.
+    fn listener(name: &str) -> (UnixListener, ServerAddr) {
+        let path =
+            std::env::temp_dir().join(format!("picloud-client-test-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        (UnixListener::bind(&path).unwrap(), ServerAddr::Unix(path))
+    }
+
+    /// Accepts one client and answers its handshake.
+    fn accept(l: &UnixListener) -> UnixStream {
+        let (mut s, _) = l.accept().unwrap();
+        let _: Hello = read_frame(&mut s).unwrap();
+        write_frame(&mut s, &ServerReply::Welcome { server_name: "srv".into(), version: 0 }).unwrap();
+        s
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec::new("job", JobCommand::Argv(vec!["true".into()]), "/tmp")
+    }
+
+    fn submitted(seq: u64) -> ServerReply {
+        ServerReply::Submitted { seq, id: format!("{seq}.srv") }
+    }
+
+    #[test]
+    fn replies_to_pipelined_submissions_are_read_before_the_next_reply() {
+        let (l, addr) = listener("pairs");
+        let server = std::thread::spawn(move || {
+            let mut s = accept(&l);
+            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!("no reserve") };
+            write_frame(&mut s, &ServerReply::Reserved { first: 10, count }).unwrap();
+            for want in [10, 11] {
+                let ClientRequest::SubmitReserved { seq, .. } = read_frame(&mut s).unwrap() else { panic!() };
+                assert_eq!(seq, want);
+            }
+            let ClientRequest::Nodes = read_frame(&mut s).unwrap() else { panic!("no query") };
+            write_frame(&mut s, &submitted(10)).unwrap();
+            write_frame(&mut s, &ServerReply::Error(ProtoError::new(ErrorKind::Invalid, "no node"))).unwrap();
+            write_frame(&mut s, &ServerReply::Nodes(Vec::new())).unwrap();
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let unconfirmed = c.unconfirmed_flag();
+        for want in [10, 11] {
+            let seq = c.reserve_seq().unwrap();
+            assert_eq!(seq, want);
+            c.submit_pipelined(seq, spec()).unwrap();
+        }
+        assert!(unconfirmed.load(Ordering::Acquire));
+        assert_eq!(c.request(&ClientRequest::Nodes).unwrap(), ServerReply::Nodes(Vec::new()));
+        assert!(!unconfirmed.load(Ordering::Acquire));
+        let answered = c.take_answered();
+        assert_eq!(answered.len(), 2);
+        assert_eq!(answered[0], (10, Ok(())));
+        assert!(matches!(&answered[1], (11, Err(e)) if e.message == "no node"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn submissions_a_broken_connection_left_unanswered_are_reported_lost() {
+        let (l, addr) = listener("lost");
+        let server = std::thread::spawn(move || {
+            let mut s = accept(&l);
+            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
+            let _: ClientRequest = read_frame(&mut s).unwrap();
+            let _: ClientRequest = read_frame(&mut s).unwrap();
+            drop(s); // gone without a reply: a crash
+            let mut s = accept(&l);
+            let ClientRequest::Nodes = read_frame(&mut s).unwrap() else { panic!("not sent again") };
+            write_frame(&mut s, &ServerReply::Nodes(Vec::new())).unwrap();
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let seq = c.reserve_seq().unwrap();
+        c.submit_pipelined(seq, spec()).unwrap();
+        let reply = c.request_reconnecting(RECONNECT_WINDOW, None, |_| ClientRequest::Nodes).unwrap();
+        assert_eq!(reply, ServerReply::Nodes(Vec::new()));
+        assert_eq!(c.take_lost(), vec![seq]);
+        assert!(c.take_answered().is_empty());
+        assert!(!c.unconfirmed_flag().load(Ordering::Acquire));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_full_pipeline_is_read_before_the_next_submission_is_written() {
+        let (l, addr) = listener("full");
+        let server = std::thread::spawn(move || {
+            // Replies in order, as the server gives them: to every submission
+            // not answered yet, then to the request that follows them.
+            let mut s = accept(&l);
+            let (mut next_free, mut last_seq, mut answered, mut read, mut full) =
+                (1u64, 0u64, 0u64, 0usize, 0);
+            loop {
+                match read_frame::<ClientRequest>(&mut s) {
+                    Ok(ClientRequest::SubmitReserved { seq, .. }) => {
+                        read += 1;
+                        last_seq = seq;
+                        // The client writes no more than the limit unanswered.
+                        let waiting = (seq - answered) as usize;
+                        assert!(waiting <= MAX_OUTSTANDING, "{waiting} submissions without replies");
+                        if waiting == MAX_OUTSTANDING {
+                            full += 1;
+                            for n in answered + 1..=seq {
+                                write_frame(&mut s, &submitted(n)).unwrap();
+                            }
+                            answered = seq;
+                        }
+                    }
+                    Ok(ClientRequest::Reserve { count }) => {
+                        for n in answered + 1..=last_seq {
+                            write_frame(&mut s, &submitted(n)).unwrap();
+                        }
+                        answered = last_seq;
+                        write_frame(&mut s, &ServerReply::Reserved { first: next_free, count }).unwrap();
+                        next_free += u64::from(count);
+                    }
+                    Ok(other) => panic!("{other:?}"),
+                    Err(_) => return (read, full),
+                }
+            }
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        // Reservations read the replies owed too; enough submissions that
+        // the pipeline fills between two of them.
+        for _ in 0..1000 {
+            let seq = c.reserve_seq().unwrap();
+            c.submit_pipelined(seq, spec()).unwrap();
+        }
+        assert!(c.take_answered().iter().all(|(_, r)| r.is_ok()));
+        drop(c);
+        let (read, full) = server.join().unwrap();
+        assert_eq!(read, 1000, "every submission arrives");
+        assert!(full >= 1, "the pipeline never filled");
     }
 }

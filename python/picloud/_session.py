@@ -8,6 +8,7 @@ handles, converts between Python and C, and keeps shared-memory segments
 alive as long as something refers to them.
 """
 
+import atexit
 import mmap
 import os
 import sys
@@ -60,8 +61,10 @@ class Session:
         else:
             self.address = self._find_or_start()
         # Clients that made pipelined submissions (call()), by thread: any
-        # other thread's request first makes them send what they buffered.
+        # other thread's request first makes them send what they buffered,
+        # and so does the end of the process.
         self._pipelining = {}
+        atexit.register(self.flush_pipelined)
         # Submitted here: sequence numbers, for kill() without ids.
         self.submitted = []
         # Segments a job's arguments use, by sequence number, until it ends.
@@ -131,6 +134,20 @@ class Session:
                 self._pipelining = kept
         return handle
 
+    def flush_pipelined(self):
+        """Makes every thread's pipelined submissions reach the server."""
+        for handle in list(self._pipelining.values()):
+            lib.picloud_client_flush(handle)
+
+    def forget_connections(self):
+        """In a forked child: drops the parent's connections without using
+        or freeing them (freeing one would send what the parent buffered a
+        second time); the child connects anew."""
+        _inherited.append((self._local, self._pipelining, self._agent))
+        self._local = threading.local()
+        self._pipelining = {}
+        self._agent = None
+
     def reset_client(self):
         """Drops this thread's connection (after it broke)."""
         self._local.client = None
@@ -198,6 +215,18 @@ def _release(handle, token):
 
 _session = None
 _session_lock = threading.Lock()
+
+# Connections a forked child inherited: kept, never freed (see
+# Session.forget_connections).
+_inherited = []
+
+
+def _after_fork_in_child():
+    if _session is not None:
+        _session.forget_connections()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def session():

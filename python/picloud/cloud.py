@@ -178,7 +178,7 @@ def _memory_bytes(value):
 class _Options:
     """A ``picloud_job_options`` and the C memory it points into."""
 
-    def __init__(self, options, name):
+    def __init__(self, options, name, cwd=None):
         self.keep = []
         o = ffi.new("picloud_job_options *")
         o.struct_size = ffi.sizeof("picloud_job_options")
@@ -193,7 +193,7 @@ class _Options:
             o.flags |= lib.PICLOUD_JOB_NO_RERUN
         label = options.get("_label", name)
         o.name = self._str(label)
-        o.workdir = self._keep(_cached_cstr(os.getcwd()))
+        o.workdir = self._keep(_cached_cstr(cwd or os.getcwd()))
         env = options.get("_env") or {}
         if env:
             entries = [self._str(f"{k}={v}") for k, v in env.items()]
@@ -231,12 +231,13 @@ def _options(options, name):
     """The ``_Options`` of a submission (shared when ``options`` is empty)."""
     if options:
         return _Options(options, name)
-    key = (name, os.getcwd())
+    cwd = os.getcwd()
+    key = (name, cwd)
     opts = _plain_options.get(key)
     if opts is None:
         if len(_plain_options) >= 64:
             _plain_options.clear()
-        opts = _plain_options[key] = _Options(options, name)
+        opts = _plain_options[key] = _Options(options, name, cwd)
     return opts
 
 
@@ -803,10 +804,12 @@ def kill(jids=None):
     else:
         jids, _ = _as_list(jids)
         targets = [(j.seq, -1 if _task_index(j) is None else _task_index(j)) for j in jids]
+    # A job that has already ended is fine to "kill"; so, when killing every
+    # job of this process, is one the server never queued or has forgotten.
+    fine = (0, lib.PICLOUD_ERR_SERVER) if jids is not None else (0, lib.PICLOUD_ERR_SERVER, lib.PICLOUD_ERR_UNKNOWN_JOB)
     for seq, index in dict.fromkeys(targets):
         rc = lib.picloud_client_cancel(s.client(), seq, index)
-        # A job that has already ended is fine to "kill".
-        if rc not in (0, lib.PICLOUD_ERR_SERVER):
+        if rc not in fine:
             check(rc)
 
 

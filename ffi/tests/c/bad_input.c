@@ -167,7 +167,7 @@ static void submitting(picloud_client *client) {
 
 /* Pipelined submissions: checked at once where the library can; the server's
  * refusal comes back through the calls that name the job. */
-static void pipelined(picloud_client *client) {
+static void pipelined(picloud_client *client, const char *dir) {
     picloud_python_call call;
     memset(&call, 0, sizeof call);
     call.struct_size = sizeof call;
@@ -207,15 +207,22 @@ static void pipelined(picloud_client *client) {
     CHECK(r == NULL);
     EXPECT(PICLOUD_ERR_SERVER, picloud_client_cancel(client, seq, -1));
 
-    /* The next pipelined submission gets the next number and is queued. */
+    /* The next pipelined submission gets the next number and is queued;
+     * flushed, another client finds it at once. */
     uint64_t next = 0;
     o.ncpus = 1;
     o.flags = PICLOUD_JOB_HOLD;
     EXPECT(PICLOUD_OK, picloud_client_submit_python_async(client, &call, &o, &next));
     CHECK(next > seq);
-    EXPECT(PICLOUD_OK, picloud_client_status(client, next, -1, &st));
+    EXPECT(PICLOUD_OK, picloud_client_flush(client));
+    picloud_client *other = NULL;
+    EXPECT(PICLOUD_OK, picloud_client_connect(dir, &other));
+    EXPECT(PICLOUD_OK, picloud_client_status(other, next, -1, &st));
     CHECK(st.state == PICLOUD_STATE_HELD);
-    EXPECT(PICLOUD_OK, picloud_client_cancel(client, next, -1));
+    /* The refusal is this client's to report: the other never heard of it. */
+    EXPECT(PICLOUD_ERR_UNKNOWN_JOB, picloud_client_status(other, seq, -1, &st));
+    EXPECT(PICLOUD_OK, picloud_client_cancel(other, next, -1));
+    EXPECT(PICLOUD_OK, picloud_client_free(other));
 }
 
 static void waiting_and_status(picloud_client *client) {
@@ -423,7 +430,7 @@ int main(int argc, char **argv) {
     }
     handles(client, dir);
     submitting(client);
-    pipelined(client);
+    pipelined(client, dir);
     waiting_and_status(client);
     results(client);
     segments(dir);

@@ -63,7 +63,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use picloud_proto::{
     AgentMsg, ClientRequest, Dependency, ErrorKind, JobDefinition, JobRef, JobSpec, MAX_RESERVED, ProtoError,
     RefOutcome, ServerReply, StartTask, TaskEnd, TaskRunning, ToAgent, WaitReply, WaitUntil,
@@ -157,7 +157,7 @@ struct OutBuf {
 /// (a panic included), so that the I/O thread never waits for a dead core.
 /// Rather than abort on a panic, the server then stops as it does on
 /// SIGTERM, and `run` returns [`ServerError::CoreFailed`](super::ServerError).
-struct StoppedGuard {
+pub(crate) struct StoppedGuard {
     out: Sender<Outbound>,
     wake: Arc<dyn Fn() + Send + Sync>,
 }
@@ -362,31 +362,63 @@ impl CoreLoop {
     /// [`Outbound::Stopped`]. Fails if the journal could not be written
     /// (the server then stops at once).
     pub fn run(mut self, inbox: Receiver<Inbound>) -> Result<(), JournalError> {
-        let _stopped = StoppedGuard { out: self.out.clone(), wake: self.wake.clone() };
+        let _stopped = self.stopped_guard();
         loop {
             match inbox.recv_deadline(self.next_deadline()) {
-                Ok(msg) => {
-                    self.handle(msg);
-                    for msg in inbox.try_iter().take(MAX_BATCH - 1) {
-                        self.handle(msg);
-                    }
-                }
+                Ok(msg) => self.take_batch(msg, &inbox),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => self.stopping = true,
             }
-            self.end_batch();
-            self.snapshot_if_due();
-            if self.stopping {
-                self.shut_down();
-                return match self.failed.take() {
-                    Some(e) => Err(e),
-                    None => Ok(()),
-                };
+            if let Some(result) = self.finish_batch() {
+                return result;
             }
         }
     }
 
-    fn next_deadline(&self) -> Instant {
+    /// One batch, run by the I/O thread itself (`ServerThreads::Inline`):
+    /// the messages `inbox` holds, if it holds any or a deadline has passed
+    /// (else nothing). Returns the core's end once it has stopped; the
+    /// caller then drops the [`CoreLoop::stopped_guard`] it holds.
+    pub(crate) fn run_inline(&mut self, inbox: &Receiver<Inbound>) -> Option<Result<(), JournalError>> {
+        match inbox.try_recv() {
+            Ok(msg) => self.take_batch(msg, inbox),
+            Err(TryRecvError::Empty) if Instant::now() < self.next_deadline() => return None,
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => self.stopping = true,
+        }
+        self.finish_batch()
+    }
+
+    /// Sends [`Outbound::Stopped`] when dropped.
+    pub(crate) fn stopped_guard(&self) -> StoppedGuard {
+        StoppedGuard { out: self.out.clone(), wake: self.wake.clone() }
+    }
+
+    /// Steps 1 and 2: `first` and what else is queued, up to [`MAX_BATCH`].
+    fn take_batch(&mut self, first: Inbound, inbox: &Receiver<Inbound>) {
+        self.handle(first);
+        for msg in inbox.try_iter().take(MAX_BATCH - 1) {
+            self.handle(msg);
+        }
+    }
+
+    /// Steps 3 to 9, and the stop once asked for: returns the core's end
+    /// then.
+    fn finish_batch(&mut self) -> Option<Result<(), JournalError>> {
+        self.end_batch();
+        self.snapshot_if_due();
+        if !self.stopping {
+            return None;
+        }
+        self.shut_down();
+        Some(match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        })
+    }
+
+    /// When the next wait times out or the next periodic work is due.
+    pub(crate) fn next_deadline(&self) -> Instant {
         let mut t = self.last_purge + PURGE_EVERY;
         for d in self.waiters.iter().filter_map(|w| w.deadline) {
             t = t.min(d);
@@ -786,6 +818,7 @@ impl CoreLoop {
             ClientRequest::Cancel(refs) | ClientRequest::Release(refs) => {
                 REQUEST_SLACK * refs.len().max(1) as u64
             }
+            ClientRequest::Reserve { .. } => REQUEST_SLACK,
             _ => 0,
         };
         // Agents' reports must always find room: requests leave them some.
@@ -808,10 +841,13 @@ impl CoreLoop {
                         format!("cannot reserve {count} job numbers: ask for 1 to {MAX_RESERVED}"),
                     );
                 }
-                // Nothing to record: the numbers are this connection's only,
-                // and a restart, which ends it, may give them again.
                 let first = self.next_seq;
                 self.next_seq += u64::from(count);
+                // On disk before the reply, so that a restart never gives
+                // these numbers to other jobs: the client may already have
+                // named jobs by them (its connection's use of them ends with
+                // the connection).
+                self.journal_only(&LiveChange::Reserved { end: self.next_seq });
                 self.reservations.insert(conn, Reservation { next: first, end: first + u64::from(count) });
                 self.reply(conn, &ServerReply::Reserved { first, count });
             }

@@ -146,6 +146,13 @@ pub(crate) enum Change<E> {
         /// Its host name.
         name: String,
     },
+    /// Job numbers below `end` were set aside for a client
+    /// (`ClientRequest::Reserve`): never given to another job, also after a
+    /// restart, since the client may already have named jobs by them.
+    Reserved {
+        /// One past the last number reserved.
+        end: u64,
+    },
 }
 
 /// What a change did: `None` if it found nothing to change; for a
@@ -153,7 +160,8 @@ pub(crate) enum Change<E> {
 pub(crate) type Applied = Option<bool>;
 
 /// Carries out a change on the table (live and on replay alike).
-/// [`Change::NodeJoined`] changes no job and returns `None`.
+/// [`Change::NodeJoined`] and [`Change::Reserved`] change no job and return
+/// `None`.
 pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>) -> Applied {
     match change {
         Change::Submitted { seq, spec, user, uid, gid, ctime } => {
@@ -191,7 +199,7 @@ pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>)
             jobs.remove(seqs);
             Some(true)
         }
-        Change::NodeJoined { .. } => None,
+        Change::NodeJoined { .. } | Change::Reserved { .. } => None,
     }
 }
 
@@ -334,6 +342,7 @@ fn replay_one(out: &mut Replayed, change: &Change<TaskEnd>) {
     out.changes += 1;
     match change {
         Change::Submitted { seq, .. } => out.next_seq = out.next_seq.max(seq + 1),
+        Change::Reserved { end } => out.next_seq = out.next_seq.max(*end),
         Change::NodeJoined { node, name } => {
             out.next_node = out.next_node.max(node.0 + 1);
             out.nodes.insert(*node, name.clone());

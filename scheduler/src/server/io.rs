@@ -1,5 +1,8 @@
 //! The I/O thread: one mio event loop over the listeners and every
-//! connection. It owns the sockets and nothing of the scheduling state.
+//! connection. It owns the sockets and nothing of the scheduling state,
+//! unless the server runs its core inline (`ServerThreads::Inline`): then
+//! this thread also runs the core's batches, between steps 3 and 4, and
+//! nothing crosses a thread on a request's way to the core and back.
 //!
 //! Each iteration:
 //! 1. waits for readiness, or for the waker that the core and query threads
@@ -21,8 +24,9 @@
 //! Bad input (an undecodable frame, an oversized length, a wrong magic or
 //! version) gets an error reply, and the connection is closed once it is
 //! written; an agent's bad frame closes its connection. Other connections
-//! are not affected. A peer that hangs up has its complete frames still
-//! handed on (in order, their replies dropped), then its connection closed.
+//! are not affected. A peer that hangs up (seen when reading, or when a
+//! write to it fails) has its complete frames still handed on (in order,
+//! their replies dropped), then its connection closed.
 
 use std::collections::HashMap;
 use std::io;
@@ -36,8 +40,9 @@ use picloud_proto::{AgentMsg, ClientRequest, ErrorKind, Hello, ProtoError, Role,
 use tracing::{debug, warn};
 
 use super::conn::{Conn, Peer, Stream};
+use super::core_loop::{CoreLoop, StoppedGuard};
 use super::query::QueryJob;
-use super::{Caller, ConnId, Inbound, Outbound};
+use super::{Caller, ConnId, CoreEnd, Inbound, Outbound};
 
 pub(crate) const UNIX_LISTENER: Token = Token(0);
 pub(crate) const TCP_LISTENER: Token = Token(1);
@@ -65,6 +70,18 @@ pub(crate) struct IoLoop {
     floor: u64,
     /// Connections with output to write.
     dirty: Vec<Token>,
+    /// The core, when this thread runs it.
+    inline: Option<InlineCore>,
+    /// How the inline core ended.
+    core_end: Option<CoreEnd>,
+}
+
+/// A core run by the I/O thread, with the channel it reads.
+struct InlineCore {
+    core: CoreLoop,
+    inbox: Receiver<Inbound>,
+    /// Sends `Outbound::Stopped` when the core goes, however it goes.
+    _stopped: StoppedGuard,
 }
 
 impl IoLoop {
@@ -90,15 +107,57 @@ impl IoLoop {
             next_token: FIRST_CONN,
             floor: 0,
             dirty: Vec::new(),
+            inline: None,
+            core_end: None,
         }
+    }
+
+    /// Makes this thread run `core` too, on the messages of `inbox`.
+    pub(crate) fn with_inline_core(mut self, core: CoreLoop, inbox: Receiver<Inbound>) -> Self {
+        let stopped = core.stopped_guard();
+        self.inline = Some(InlineCore { core, inbox, _stopped: stopped });
+        self
+    }
+
+    /// How long the poll may sleep: for ever, unless the inline core has
+    /// messages waiting (not at all) or a deadline coming.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let inline = self.inline.as_ref()?;
+        if !inline.inbox.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        // Rounded up to whole milliseconds, as epoll waits, so that the loop
+        // does not spin just before the deadline.
+        let left = inline.core.next_deadline().saturating_duration_since(Instant::now());
+        Some(Duration::from_millis(left.as_micros().div_ceil(1000) as u64))
+    }
+
+    /// Runs a batch of the inline core, if there is one. A core that ends
+    /// (or panics) is dropped, which sends `Outbound::Stopped`.
+    fn run_inline_core(&mut self) {
+        let Some(inline) = &mut self.inline else { return };
+        let turn =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inline.core.run_inline(&inline.inbox)));
+        let end = match turn {
+            Ok(None) => return,
+            Ok(Some(result)) => CoreEnd::Finished(result),
+            Err(panic) => CoreEnd::Panicked(super::panic_text(&*panic)),
+        };
+        self.core_end = Some(end);
+        self.inline = None;
+    }
+
+    /// How the inline core ended (None without one, or before it ended).
+    pub(crate) fn take_core_end(&mut self) -> Option<CoreEnd> {
+        self.core_end.take()
     }
 
     /// Runs until the core thread has stopped, then writes what it can of the
     /// last messages (for at most [`LAST_WORDS`]).
-    pub(crate) fn run(mut self) -> io::Result<()> {
+    pub(crate) fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            if let Err(e) = self.poll.poll(&mut events, self.poll_timeout()) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -115,6 +174,7 @@ impl IoLoop {
                     }
                 }
             }
+            self.run_inline_core();
             let stopped = self.drain_outbound();
             self.flush_dirty();
             if stopped {
@@ -360,7 +420,7 @@ impl IoLoop {
             if conn.has_output() {
                 if let Err(e) = conn.flush(self.poll.registry(), token) {
                     debug!("write to {token:?} failed: {e}");
-                    self.close(token);
+                    self.hang_up(token);
                     continue;
                 }
             }
@@ -370,6 +430,19 @@ impl IoLoop {
         }
         dirty.clear();
         self.dirty = dirty;
+    }
+
+    /// A connection that can no longer be written to (its peer went away):
+    /// the complete frames it sent before it went are still handed on, their
+    /// replies dropped, as for a peer seen hanging up while reading; then it
+    /// is closed.
+    fn hang_up(&mut self, token: Token) {
+        if let Some(conn) = self.conns.get_mut(&token) {
+            // What is left in the socket; an error ends the reading as EOF does.
+            let _ = conn.reader.read_from(&mut conn.stream);
+        }
+        self.pump(token, true);
+        self.close(token);
     }
 
     fn close(&mut self, token: Token) {

@@ -83,7 +83,9 @@ use crossbeam_channel::{Receiver, Sender};
 ///
 /// 2: snapshots end with the node-loss reruns of tasks; segments record a
 /// rerun with each `Requeued`. Version 1 files are read.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: segments may record `Reserved` (job numbers set aside for a client).
+/// Version 2 files are read as they are.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Magic of a segment file.
 const SEGMENT_MAGIC: [u8; 8] = *b"PICLJRNL";

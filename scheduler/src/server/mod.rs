@@ -108,6 +108,39 @@ pub struct ServerConfig {
     pub core: crate::core::CoreConfig,
     /// The journal: whether there is one, and how it syncs.
     pub journal: JournalConfig,
+    /// Whether the core has a thread of its own.
+    pub threads: ServerThreads,
+}
+
+/// Which thread runs the scheduling core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServerThreads {
+    /// A thread of its own, so that a long scheduling pass never delays the
+    /// sockets (a cluster's head node).
+    #[default]
+    Separate,
+    /// The I/O thread, between reading requests and writing replies: no
+    /// request crosses a thread on its way to the core and back, which on a
+    /// machine with few cores saves more than the overlap gains (`picloud
+    /// up`, the cluster of one machine).
+    Inline,
+}
+
+/// How the core ended.
+pub(crate) enum CoreEnd {
+    /// It returned.
+    Finished(Result<(), JournalError>),
+    /// It panicked, saying this.
+    Panicked(String),
+}
+
+/// The message of a panic's payload.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// Why the server could not run.
@@ -234,7 +267,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let (to_core, core_inbox) = crossbeam_channel::unbounded();
     // First, so that every thread started after it (the journal's too)
     // inherits the blocked mask.
-    spawn_signal_thread(to_core.clone());
+    spawn_signal_thread(to_core.clone(), waker.clone());
     let (to_io, io_inbox) = crossbeam_channel::unbounded();
     let core_waker = waker.clone();
     // The journal before the sockets: a refused start leaves none behind.
@@ -266,36 +299,45 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let (to_query, query_inbox) = crossbeam_channel::unbounded();
 
     let snapshots = core_loop.snapshots();
-    let core_thread = std::thread::Builder::new()
-        .name("core".into())
-        .spawn(move || core_loop.run(core_inbox))
-        .map_err(ServerError::Poll)?;
     let query_waker = waker.clone();
     let query_thread = std::thread::Builder::new()
         .name("query".into())
         .spawn(move || query::run(query_inbox, snapshots, to_io, query_waker))
         .map_err(ServerError::Poll)?;
+    let mut io_loop =
+        io::IoLoop::new(poll, (unix, tcp), waker, to_core.clone(), to_query, io_inbox, config.name.clone());
+    let core_thread = match config.threads {
+        ServerThreads::Separate => Some(
+            std::thread::Builder::new()
+                .name("core".into())
+                .spawn(move || core_loop.run(core_inbox))
+                .map_err(ServerError::Poll)?,
+        ),
+        ServerThreads::Inline => {
+            io_loop = io_loop.with_inline_core(core_loop, core_inbox);
+            None
+        }
+    };
 
-    info!(socket = %sock_path.display(), name = %config.name, "picloud server listening");
-    let io_loop = io::IoLoop::new(poll, (unix, tcp), waker, to_core.clone(), to_query, io_inbox, config.name);
-    // Returns once the core thread has stopped (or the loop failed); its end
+    info!(socket = %sock_path.display(), name = %config.name, threads = ?config.threads, "picloud server listening");
+    // Returns once the core has stopped (or the loop failed); its end
     // drops the query thread's channel, which ends that thread.
     let result = io_loop.run();
     let _ = to_core.send(Inbound::Stop);
-    let core_result = core_thread.join();
+    let core_end = match core_thread {
+        Some(thread) => match thread.join() {
+            Ok(result) => Some(CoreEnd::Finished(result)),
+            Err(panic) => Some(CoreEnd::Panicked(panic_text(&*panic))),
+        },
+        None => io_loop.take_core_end(),
+    };
+    drop(io_loop);
     let _ = query_thread.join();
     let _ = std::fs::remove_file(&sock_path);
-    match core_result {
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            return Err(ServerError::CoreFailed(what));
-        }
-        Ok(Err(e)) => return Err(ServerError::Journal(e)),
-        Ok(Ok(())) => {}
+    match core_end {
+        Some(CoreEnd::Panicked(what)) => return Err(ServerError::CoreFailed(what)),
+        Some(CoreEnd::Finished(Err(e))) => return Err(ServerError::Journal(e)),
+        Some(CoreEnd::Finished(Ok(()))) | None => {}
     }
     result?;
     info!("picloud server stopped");
@@ -323,8 +365,8 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<Flock<File>, ServerError> {
 }
 
 /// Blocks SIGTERM/SIGINT here and waits for them on a thread of its own,
-/// which asks the core thread to stop.
-fn spawn_signal_thread(to_core: crossbeam_channel::Sender<Inbound>) {
+/// which asks the core to stop.
+fn spawn_signal_thread(to_core: crossbeam_channel::Sender<Inbound>, waker: Arc<Waker>) {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
@@ -339,6 +381,8 @@ fn spawn_signal_thread(to_core: crossbeam_channel::Sender<Inbound>) {
                 info!("received {sig}, shutting down");
             }
             let _ = to_core.send(Inbound::Stop);
+            // An inline core reads its messages when the I/O thread wakes.
+            let _ = waker.wake();
         })
         .expect("spawning the signal thread");
 }

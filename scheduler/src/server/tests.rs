@@ -20,7 +20,7 @@ struct TestServer {
 }
 
 impl TestServer {
-    fn start() -> Self {
+    fn start_with(threads: ServerThreads) -> Self {
         let dir = tempfile::Builder::new().prefix("picloud-server-test-").tempdir().unwrap();
         let config = ServerConfig {
             state_dir: dir.path().to_path_buf(),
@@ -29,6 +29,7 @@ impl TestServer {
             keep_finished: Duration::from_secs(3600),
             core: Default::default(),
             journal: Default::default(),
+            threads,
         };
         let thread = std::thread::spawn(move || run(config));
         let server = TestServer { dir, thread: Some(thread) };
@@ -83,9 +84,8 @@ fn stat_one(seq: u64) -> ClientRequest {
     ClientRequest::Stat(StatRequest { jobs: vec![JobRef::Job(seq)], ..Default::default() })
 }
 
-#[test]
-fn pipelined_requests_are_answered_in_order_and_see_earlier_ones() {
-    let server = TestServer::start();
+fn pipelined_requests_are_answered_in_order_and_see_earlier_ones(threads: ServerThreads) {
+    let server = TestServer::start_with(threads);
     let mut s = server.raw();
     let mut wire = Vec::new();
     encode_into(&Hello::new(Role::Client), &mut wire);
@@ -107,9 +107,8 @@ fn pipelined_requests_are_answered_in_order_and_see_earlier_ones() {
     server.stop();
 }
 
-#[test]
-fn a_submit_is_seen_by_the_next_query_of_another_client() {
-    let server = TestServer::start();
+fn a_submit_is_seen_by_the_next_query_of_another_client(threads: ServerThreads) {
+    let server = TestServer::start_with(threads);
     let mut submitter = server.client();
     let mut asker = server.client();
     for _ in 0..200 {
@@ -129,9 +128,8 @@ fn a_submit_is_seen_by_the_next_query_of_another_client() {
     server.stop();
 }
 
-#[test]
-fn a_request_sent_before_a_hang_up_is_still_carried_out() {
-    let server = TestServer::start();
+fn a_request_sent_before_a_hang_up_is_still_carried_out(threads: ServerThreads) {
+    let server = TestServer::start_with(threads);
     let mut s = server.raw();
     let mut wire = Vec::new();
     encode_into(&Hello::new(Role::Client), &mut wire);
@@ -155,9 +153,8 @@ fn a_request_sent_before_a_hang_up_is_still_carried_out() {
     server.stop();
 }
 
-#[test]
-fn a_wait_times_out_and_the_connection_goes_on() {
-    let server = TestServer::start();
+fn a_wait_times_out_and_the_connection_goes_on(threads: ServerThreads) {
+    let server = TestServer::start_with(threads);
     let mut c = server.client();
     let mut held = spec();
     held.hold = true;
@@ -176,9 +173,8 @@ fn a_wait_times_out_and_the_connection_goes_on() {
     server.stop();
 }
 
-#[test]
-fn reserved_numbers_are_the_core_threads_and_their_connections() {
-    let server = TestServer::start();
+fn reserved_numbers_are_the_core_threads_and_their_connections(threads: ServerThreads) {
+    let server = TestServer::start_with(threads);
     let mut s = server.raw();
     let mut wire = Vec::new();
     let reserved = |seq| ClientRequest::SubmitReserved { seq, spec: Box::new(spec()) };
@@ -212,3 +208,30 @@ fn reserved_numbers_are_the_core_threads_and_their_connections() {
     drop(s);
     server.stop();
 }
+
+/// Runs each test against a server whose core has a thread of its own and
+/// against one whose I/O thread runs the core.
+macro_rules! with_both_threads {
+    ($($name:ident),* $(,)?) => {
+        mod separate_core {
+            $(#[test]
+            fn $name() {
+                super::$name(super::ServerThreads::Separate)
+            })*
+        }
+        mod inline_core {
+            $(#[test]
+            fn $name() {
+                super::$name(super::ServerThreads::Inline)
+            })*
+        }
+    };
+}
+
+with_both_threads!(
+    pipelined_requests_are_answered_in_order_and_see_earlier_ones,
+    a_submit_is_seen_by_the_next_query_of_another_client,
+    a_request_sent_before_a_hang_up_is_still_carried_out,
+    a_wait_times_out_and_the_connection_goes_on,
+    reserved_numbers_are_the_core_threads_and_their_connections,
+);

@@ -27,6 +27,7 @@ fn config() -> ServerConfig {
         keep_finished: Duration::from_secs(3600),
         core: Default::default(),
         journal: crate::server::JournalConfig::disabled(),
+        threads: Default::default(),
     }
 }
 

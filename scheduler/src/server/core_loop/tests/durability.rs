@@ -16,6 +16,7 @@ fn jconfig(state: &Path) -> ServerConfig {
     ServerConfig {
         state_dir: state.to_path_buf(),
         journal: JournalConfig { preallocate: 64 << 10, ..JournalConfig::default() },
+        threads: Default::default(),
         ..config()
     }
 }

@@ -154,6 +154,7 @@ fn jopen(state: &Path) -> Harness {
     let config = ServerConfig {
         state_dir: state.to_path_buf(),
         journal: JournalConfig { preallocate: 64 << 10, ..JournalConfig::default() },
+        threads: Default::default(),
         ..config()
     };
     let (tx, rx) = unbounded();
