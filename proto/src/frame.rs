@@ -149,6 +149,14 @@ impl FrameReader {
         Ok(Some(&self.buf[begin..begin + len]))
     }
 
+    /// The next complete payload, left in place for [`FrameReader::next_payload`]
+    /// (None when it is incomplete or too large).
+    pub fn peek_payload(&self) -> Option<&[u8]> {
+        let avail = &self.buf[self.start..];
+        let len = u32::from_le_bytes(avail.get(..4)?.try_into().expect("4 bytes")) as usize;
+        avail.get(4..4 + len.min(MAX_FRAME_LEN + 1)).filter(|p| p.len() == len)
+    }
+
     /// Whether bytes of an incomplete frame are buffered.
     pub fn has_partial(&self) -> bool {
         self.buf.len() > self.start
@@ -166,6 +174,26 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peeked_payload_is_still_the_next_one() {
+        use crate::msg::{ClientRequest, JobCommand, JobSpec};
+        let spec = JobSpec::new("j", JobCommand::Argv(vec!["true".into()]), "/");
+        let mut r = FrameReader::new();
+        let mut wire = Vec::new();
+        encode_into(&ClientRequest::SubmitReserved { seq: 3, spec: Box::new(spec.clone()) }, &mut wire);
+        encode_into(&ClientRequest::Submit(Box::new(spec)), &mut wire);
+        r.push(&wire[..wire.len() - 1]);
+        let first = r.peek_payload().expect("complete").to_vec();
+        assert!(ClientRequest::is_reserved_submission(&first));
+        assert_eq!(r.next_payload().unwrap(), Some(&first[..]));
+        // The second is incomplete: nothing to peek.
+        assert_eq!(r.peek_payload(), None);
+        r.push(&wire[wire.len() - 1..]);
+        let second = r.peek_payload().expect("complete now").to_vec();
+        assert!(!ClientRequest::is_reserved_submission(&second));
+        assert!(matches!(decode::<ClientRequest>(&second).unwrap(), ClientRequest::Submit(_)));
+    }
 
     #[test]
     fn round_trip_blocking() {

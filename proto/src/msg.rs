@@ -368,7 +368,18 @@ pub enum WaitReply {
     Results,
 }
 
+/// The first four bytes of every encoded [`ClientRequest::SubmitReserved`]:
+/// bincode's variant index.
+const SUBMIT_RESERVED_TAG: [u8; 4] = 10u32.to_le_bytes();
+
 impl ClientRequest {
+    /// Whether `payload` (a frame's, not decoded) holds a
+    /// [`ClientRequest::SubmitReserved`]: the server lets such frames follow
+    /// one another without waiting for each reply.
+    pub fn is_reserved_submission(payload: &[u8]) -> bool {
+        payload.get(..4) == Some(&SUBMIT_RESERVED_TAG[..])
+    }
+
     /// A wait for all of `jobs`, answered with their states.
     pub fn wait_all(jobs: Vec<JobRef>, timeout_ms: Option<u64>) -> Self {
         ClientRequest::Wait { jobs, timeout_ms, until: WaitUntil::All, reply: WaitReply::States }

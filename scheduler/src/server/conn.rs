@@ -72,17 +72,53 @@ pub(crate) struct Conn {
     written: usize,
     /// Close once everything queued is written.
     pub(crate) closing: bool,
-    /// A client request was handed on and its reply has not come back: the
-    /// next frame waits, so that replies leave in request order and a query
-    /// sees the effects of every earlier request of its connection.
-    pub(crate) in_flight: bool,
+    /// Client requests handed on whose replies have not come back. While
+    /// there are any, the next frame waits, so that replies leave in request
+    /// order and a query sees the effects of every earlier request of its
+    /// connection; except that pipelined submissions (`SubmitReserved`)
+    /// follow one another, up to [`MAX_SUBMISSIONS_IN_FLIGHT`]: they all go
+    /// to the core, which answers them in order, and one journal sync then
+    /// covers a whole run of them.
+    pub(crate) in_flight: u32,
+    /// Every request in flight is a pipelined submission.
+    pub(crate) submissions_in_flight: bool,
     /// The core thread has heard of this connection (and must hear of its end).
     pub(crate) known_to_core: bool,
     /// Whether WRITABLE interest is registered.
     want_write: bool,
 }
 
+/// Most pipelined submissions of one connection in flight at once (as many
+/// as a client writes before it reads their replies).
+pub(crate) const MAX_SUBMISSIONS_IN_FLIGHT: u32 = picloud_proto::client::MAX_OUTSTANDING as u32;
+
 impl Conn {
+    /// Whether the next frame may be handed on now.
+    pub(crate) fn may_take_frame(&self) -> bool {
+        if self.closing {
+            return false;
+        }
+        self.in_flight == 0
+            || (self.submissions_in_flight
+                && self.in_flight < MAX_SUBMISSIONS_IN_FLIGHT
+                && self
+                    .reader
+                    .peek_payload()
+                    .is_some_and(picloud_proto::ClientRequest::is_reserved_submission))
+    }
+
+    /// Notes a request handed on.
+    pub(crate) fn request_sent(&mut self, reserved_submission: bool) {
+        self.submissions_in_flight =
+            reserved_submission && (self.in_flight == 0 || self.submissions_in_flight);
+        self.in_flight += 1;
+    }
+
+    /// Notes `n` replies back.
+    pub(crate) fn replies_back(&mut self, n: u32) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+    }
+
     pub(crate) fn new(stream: Stream, cred: Option<(u32, u32)>) -> Self {
         Conn {
             stream,
@@ -92,7 +128,8 @@ impl Conn {
             out: Vec::new(),
             written: 0,
             closing: false,
-            in_flight: false,
+            in_flight: 0,
+            submissions_in_flight: false,
             known_to_core: false,
             want_write: false,
         }

@@ -14,7 +14,8 @@
 //!    agent's report goes to the core thread; a client request goes to the
 //!    query thread (`Stat`, `Nodes`, `ServerStatus`) or to the core thread
 //!    (everything else), and the connection takes no further frame until its
-//!    reply is back (one request in flight per client);
+//!    reply is back (one request in flight per client), unless both are
+//!    pipelined submissions (`conn.rs`);
 //! 4. drains the outbound channel: queues each message's frames on its
 //!    connection, raises the snapshot *floor* to the message's version, and
 //!    frees the connection when the message answers its request, taking its
@@ -251,7 +252,7 @@ impl IoLoop {
     fn pump(&mut self, token: Token, hung_up: bool) {
         loop {
             let Some(conn) = self.conns.get_mut(&token) else { return };
-            if conn.closing || (conn.in_flight && !hung_up) {
+            if conn.closing || (!hung_up && !conn.may_take_frame()) {
                 return;
             }
             let payload = match conn.reader.next_payload() {
@@ -338,7 +339,7 @@ impl IoLoop {
     fn on_request(&mut self, token: Token, caller: Caller, request: ClientRequest) {
         let conn = ConnId(token.0);
         if let Some(c) = self.conns.get_mut(&token) {
-            c.in_flight = true;
+            c.request_sent(matches!(request, ClientRequest::SubmitReserved { .. }));
         }
         let request = match request {
             ClientRequest::Stat(_)
@@ -376,7 +377,7 @@ impl IoLoop {
                     ErrorKind::ShuttingDown,
                     "the picloud server is shutting down",
                 )));
-                c.in_flight = false;
+                c.replies_back(1);
                 self.dirty.push(token);
             }
         }
@@ -394,7 +395,7 @@ impl IoLoop {
                     c.push_bytes(bytes);
                     c.closing |= close;
                     if answers > 0 {
-                        c.in_flight = false;
+                        c.replies_back(answers);
                         freed.push(token);
                     }
                     self.dirty.push(token);

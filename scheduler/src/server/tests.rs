@@ -209,6 +209,35 @@ fn reserved_numbers_are_the_core_threads_and_their_connections(threads: ServerTh
     server.stop();
 }
 
+fn pipelined_submissions_follow_one_another_and_are_answered_in_order(threads: ServerThreads) {
+    let server = TestServer::start_with(threads);
+    let mut s = server.raw();
+    let mut wire = Vec::new();
+    encode_into(&Hello::new(Role::Client), &mut wire);
+    encode_into(&ClientRequest::Reserve { count: 300 }, &mut wire);
+    // More than may be in flight at once, then a query that must see them all.
+    for seq in 1..=300 {
+        encode_into(&ClientRequest::SubmitReserved { seq, spec: Box::new(spec()) }, &mut wire);
+    }
+    encode_into(&ClientRequest::Stat(StatRequest::default()), &mut wire);
+    encode_into(&ClientRequest::SubmitReserved { seq: 300, spec: Box::new(spec()) }, &mut wire);
+    s.write_all(&wire).unwrap();
+    assert!(matches!(read_frame(&mut s).unwrap(), ServerReply::Welcome { .. }));
+    assert_eq!(read_frame::<ServerReply>(&mut s).unwrap(), ServerReply::Reserved { first: 1, count: 300 });
+    for want in 1..=300 {
+        match read_frame::<ServerReply>(&mut s).unwrap() {
+            ServerReply::Submitted { seq, .. } => assert_eq!(seq, want),
+            other => panic!("reply {want}: {other:?}"),
+        }
+    }
+    assert!(matches!(read_frame(&mut s).unwrap(), ServerReply::Jobs { jobs, .. } if jobs.len() == 300));
+    assert!(
+        matches!(read_frame(&mut s).unwrap(), ServerReply::Error(e) if e.message.contains("job number 300"))
+    );
+    drop(s);
+    server.stop();
+}
+
 /// Runs each test against a server whose core has a thread of its own and
 /// against one whose I/O thread runs the core.
 macro_rules! with_both_threads {
@@ -234,4 +263,5 @@ with_both_threads!(
     a_request_sent_before_a_hang_up_is_still_carried_out,
     a_wait_times_out_and_the_connection_goes_on,
     reserved_numbers_are_the_core_threads_and_their_connections,
+    pipelined_submissions_follow_one_another_and_are_answered_in_order,
 );
