@@ -731,21 +731,7 @@ impl CoreLoop {
     /// Sends the reply to a request of `conn`.
     fn reply(&mut self, conn: ConnId, reply: &ServerReply) {
         let buf = self.outbox.entry(conn).or_default();
-        let start = buf.bytes.len();
-        picloud_proto::frame::encode_into(reply, &mut buf.bytes);
-        let len = buf.bytes.len() - start - 4;
-        if len > picloud_proto::MAX_FRAME_LEN {
-            // No client could read it: say so instead.
-            buf.bytes.truncate(start);
-            let message = format!(
-                "the reply would take {len} bytes, over the limit of {} bytes of a frame: ask for less at once",
-                picloud_proto::MAX_FRAME_LEN
-            );
-            picloud_proto::frame::encode_into(
-                &ServerReply::Error(ProtoError::new(ErrorKind::Invalid, message)),
-                &mut buf.bytes,
-            );
-        }
+        super::encode_reply_into(reply, &mut buf.bytes);
         buf.answers += 1;
     }
 

@@ -85,7 +85,7 @@ use mio::net::{TcpListener, UnixListener};
 use mio::{Interest, Poll, Waker};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
-use picloud_proto::{AgentMsg, ClientRequest, NodeInfo};
+use picloud_proto::{AgentMsg, ClientRequest, ErrorKind, NodeInfo, ProtoError, ServerReply};
 use tracing::{info, warn};
 
 pub use core_loop::{CoreLoop, CoreThread, MAX_BATCH};
@@ -132,6 +132,25 @@ pub(crate) enum CoreEnd {
     Finished(Result<(), JournalError>),
     /// It panicked, saying this.
     Panicked(String),
+}
+
+/// Encodes `reply` as a frame onto the end of `out`. A reply over the frame
+/// limit, which no client could read, becomes an error saying so.
+pub(crate) fn encode_reply_into(reply: &ServerReply, out: &mut Vec<u8>) {
+    let start = out.len();
+    picloud_proto::frame::encode_into(reply, out);
+    let len = out.len() - start - 4;
+    if len > picloud_proto::MAX_FRAME_LEN {
+        out.truncate(start);
+        let message = format!(
+            "the reply would take {len} bytes, over the limit of {} bytes of a frame: ask for less at once",
+            picloud_proto::MAX_FRAME_LEN
+        );
+        picloud_proto::frame::encode_into(
+            &ServerReply::Error(ProtoError::new(ErrorKind::Invalid, message)),
+            out,
+        );
+    }
 }
 
 /// The message of a panic's payload.

@@ -44,7 +44,8 @@ pub(crate) fn run(
             let reply = snap
                 .answer_as(&q.request, q.uid)
                 .unwrap_or_else(|| ServerReply::Error(ProtoError::new(ErrorKind::Invalid, "not a query")));
-            let bytes = picloud_proto::frame::encode(&reply);
+            let mut bytes = Vec::new();
+            super::encode_reply_into(&reply, &mut bytes);
             let msg =
                 Outbound::Send { conn: q.conn, bytes, answers: 1, version: snap.version(), close: false };
             if out.send(msg).is_err() {

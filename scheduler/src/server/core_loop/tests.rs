@@ -382,6 +382,44 @@ fn outcomes_too_large_for_one_reply_are_replaced_by_the_states() {
 }
 
 #[test]
+fn a_query_whose_reply_would_not_fit_a_frame_gets_an_error() {
+    let mut h = Harness::with_agent(2);
+    let (seq, _) = h.submit(spec(None));
+    let mut end = finished(seq, None, 0);
+    end.outcome = Some(Box::new(picloud_proto::PythonOutcome {
+        status: picloud_proto::PythonStatus::Returned,
+        value: vec![7; picloud_proto::MAX_FRAME_LEN + 1],
+        error: String::new(),
+        traceback: String::new(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        segments: Vec::new(),
+    }));
+    h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![end]) }]);
+    // The query thread, as the server runs it.
+    let poll = mio::Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+    let (to_query, queries) = crossbeam_channel::unbounded();
+    let (to_io, from_query) = crossbeam_channel::unbounded();
+    let snapshots = h.core.snapshots();
+    let thread = std::thread::spawn(move || crate::server::query::run(queries, snapshots, to_io, waker));
+    let request = ClientRequest::Results(vec![JobRef::Job(seq)]);
+    to_query.send(crate::server::query::QueryJob { conn: CLIENT, request, uid: 1000, floor: 0 }).unwrap();
+    let Outbound::Send { bytes, answers, .. } = from_query.recv().unwrap() else { panic!("no reply") };
+    assert_eq!(answers, 1);
+    assert!(bytes.len() < 1 << 20, "{} bytes sent", bytes.len());
+    match picloud_proto::frame::decode::<ServerReply>(&bytes[4..]).unwrap() {
+        ServerReply::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Invalid);
+            assert!(e.message.contains("over the limit"), "{}", e.message);
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    drop(to_query);
+    thread.join().unwrap();
+}
+
+#[test]
 fn a_wait_for_another_users_results_is_refused_at_once() {
     let mut h = Harness::with_agent(2);
     let (seq, _) = h.submit(spec(None));
