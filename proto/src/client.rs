@@ -313,11 +313,10 @@ impl Client {
         if self.outstanding.len() >= MAX_OUTSTANDING || self.outstanding_bytes >= MAX_OUTSTANDING_BYTES {
             self.flush_pipelined()?;
         }
-        let request = ClientRequest::SubmitReserved { seq, spec: Box::new(spec) };
-        let size = bincode::serialized_size(&request).map_or(usize::MAX, |n| n as usize);
-        write_frame(&mut self.writer, &request)?;
+        let frame = crate::frame::encode(&ClientRequest::SubmitReserved { seq, spec: Box::new(spec) });
+        self.writer.write_all(&frame).map_err(FrameError::Io)?;
         self.outstanding.push_back(seq);
-        self.outstanding_bytes = self.outstanding_bytes.saturating_add(size);
+        self.outstanding_bytes = self.outstanding_bytes.saturating_add(frame.len());
         self.unconfirmed.store(true, Ordering::Release);
         Ok(())
     }

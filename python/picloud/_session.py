@@ -201,6 +201,8 @@ class Session:
         return allocate
 
     def close(self):
+        self.flush_pipelined()
+        self._pipelining = {}
         self._local = threading.local()
         self._agent = None
         if self.cluster is not None:
