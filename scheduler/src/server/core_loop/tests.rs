@@ -356,21 +356,26 @@ fn a_wait_for_results_carries_the_outcomes_of_the_ended_jobs() {
     }
 }
 
+/// The outcome of a Python task that returned `len` bytes.
+fn returned(len: usize) -> Box<picloud_proto::PythonOutcome> {
+    Box::new(picloud_proto::PythonOutcome {
+        status: picloud_proto::PythonStatus::Returned,
+        value: vec![7; len],
+        error: String::new(),
+        traceback: String::new(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        segments: Vec::new(),
+    })
+}
+
 #[test]
 fn outcomes_too_large_for_one_reply_are_replaced_by_the_states() {
     let mut h = Harness::with_agent(2);
     let (seq, _) = h.submit(spec(None));
     h.batch(vec![request(wait(&[seq], WaitUntil::All, WaitReply::Results))]);
     let mut end = finished(seq, None, 0);
-    end.outcome = Some(Box::new(picloud_proto::PythonOutcome {
-        status: picloud_proto::PythonStatus::Returned,
-        value: vec![7; RESULTS_IN_A_WAIT + 1],
-        error: String::new(),
-        traceback: String::new(),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        segments: Vec::new(),
-    }));
+    end.outcome = Some(returned(RESULTS_IN_A_WAIT + 1));
     let sent = h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![end]) }]);
     match &sent.replies[..] {
         [(ServerReply::Jobs { jobs, .. }, _)] => {
@@ -386,15 +391,7 @@ fn a_query_whose_reply_would_not_fit_a_frame_gets_an_error() {
     let mut h = Harness::with_agent(2);
     let (seq, _) = h.submit(spec(None));
     let mut end = finished(seq, None, 0);
-    end.outcome = Some(Box::new(picloud_proto::PythonOutcome {
-        status: picloud_proto::PythonStatus::Returned,
-        value: vec![7; picloud_proto::MAX_FRAME_LEN + 1],
-        error: String::new(),
-        traceback: String::new(),
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        segments: Vec::new(),
-    }));
+    end.outcome = Some(returned(picloud_proto::MAX_FRAME_LEN + 1));
     h.batch(vec![Inbound::Agent { conn: AGENT, msg: AgentMsg::Finished(vec![end]) }]);
     // The query thread, as the server runs it.
     let poll = mio::Poll::new().unwrap();
