@@ -512,13 +512,21 @@ impl WorkerPool {
     }
 }
 
-/// Reads from socket `fd`, without blocking, all that has arrived, passing
-/// it to `push`; returns whether the stream ended (the peer closed it).
+/// Reads from socket `fd`, without blocking, what has arrived (up to a read
+/// that does not fill the buffer: callers poll, level-triggered, and come
+/// back for the rest), passing it to `push`; returns whether the stream
+/// ended (the peer closed it).
 pub(crate) fn read_available(fd: BorrowedFd<'_>, mut push: impl FnMut(&[u8])) -> Result<bool, Errno> {
     let mut buf = [0u8; 64 * 1024];
     loop {
         match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
             Ok(0) => return Ok(true),
+            // A short read emptied the socket for now; `poll` says when
+            // more comes (a read until EAGAIN would cost one more call).
+            Ok(n) if n < buf.len() => {
+                push(&buf[..n]);
+                return Ok(false);
+            }
             Ok(n) => push(&buf[..n]),
             Err(Errno::EAGAIN) => return Ok(false),
             Err(Errno::EINTR) => {}

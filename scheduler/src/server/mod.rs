@@ -289,9 +289,14 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     spawn_signal_thread(to_core.clone(), waker.clone());
     let (to_io, io_inbox) = crossbeam_channel::unbounded();
     let core_waker = waker.clone();
+    // An inline core runs on this thread, which drains what it sends after
+    // each batch: only the journal's syncer thread needs to wake it.
+    let io_thread = (config.threads == ServerThreads::Inline).then(|| std::thread::current().id());
     // The journal before the sockets: a refused start leaves none behind.
     let core_loop = CoreLoop::open(&config, to_io.clone(), move || {
-        let _ = core_waker.wake();
+        if io_thread != Some(std::thread::current().id()) {
+            let _ = core_waker.wake();
+        }
     })?;
     let sock_path = dir.join(picloud_proto::SOCKET_NAME);
     let _ = std::fs::remove_file(&sock_path);
