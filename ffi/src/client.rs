@@ -165,11 +165,6 @@ impl picloud_client {
         }
     }
 
-    /// Sends the pipelined submissions still buffered and reads their replies.
-    pub(crate) fn flush_pipelined(&self) -> Result<(), FfiError> {
-        self.with(|client| Ok(client.flush_pipelined()?))
-    }
-
     /// Makes sure the server has queued (or refused) every pipelined
     /// submission of this client, without waiting for a call in progress on
     /// another thread: such a call reads the replies owed before it waits
@@ -691,6 +686,30 @@ unsafe fn python_spec(
     Ok(*spec)
 }
 
+/// Checks a Python submission's arguments, builds its job and hands it to
+/// `submit`, writing the sequence number it returns to `*seq_out`.
+///
+/// # Safety
+/// As for `picloud_client_submit_python`.
+unsafe fn submit_python_with(
+    client: *mut picloud_client,
+    call: *const picloud_python_call,
+    options: *const picloud_job_options,
+    seq_out: *mut u64,
+    submit: impl FnOnce(&Arc<picloud_client>, JobSpec) -> Result<u64, FfiError>,
+) -> c_int {
+    boundary(|| {
+        let c = client_of(client)?;
+        check_out(seq_out, "seq_out")?;
+        // SAFETY: passed on from the caller, whose promises are ours.
+        let spec = unsafe { python_spec(call, options) }?;
+        let seq = submit(&c, spec)?;
+        // SAFETY: checked above; the caller promises it is writable.
+        unsafe { write_out(seq_out, seq) };
+        Ok(())
+    })
+}
+
 /// Submits a Python function call: one task, or a map of `call->args_len`
 /// tasks sharing the function. `*seq_out` is the job's sequence number. A
 /// submission is one protocol frame of at most 64 MiB: pass larger data in
@@ -706,16 +725,12 @@ pub unsafe extern "C" fn picloud_client_submit_python(
     options: *const picloud_job_options,
     seq_out: *mut u64,
 ) -> c_int {
-    boundary(|| {
-        let c = client_of(client)?;
-        check_out(seq_out, "seq_out")?;
-        // SAFETY: passed on from the caller, whose promises are ours.
-        let spec = unsafe { python_spec(call, options) }?;
-        let (seq, _) = c.with(|client| submit(client, spec))?;
-        // SAFETY: checked above; the caller promises it is writable.
-        unsafe { write_out(seq_out, seq) };
-        Ok(())
-    })
+    // SAFETY: passed on from the caller, whose promises are ours.
+    unsafe {
+        submit_python_with(client, call, options, seq_out, |c, spec| {
+            Ok(c.with(|client| submit(client, spec))?.0)
+        })
+    }
 }
 
 /// Submits a Python function call as `picloud_client_submit_python` does,
@@ -742,25 +757,22 @@ pub unsafe extern "C" fn picloud_client_submit_python_async(
     options: *const picloud_job_options,
     seq_out: *mut u64,
 ) -> c_int {
-    boundary(|| {
-        let c = client_of(client)?;
-        check_out(seq_out, "seq_out")?;
-        // SAFETY: passed on from the caller, whose promises are ours.
-        let spec = unsafe { python_spec(call, options) }?;
-        let seq = c.with(|client| {
-            let seq = client.reserve_seq()?;
-            client.submit_pipelined(seq, spec)?;
+    // SAFETY: passed on from the caller, whose promises are ours.
+    unsafe {
+        submit_python_with(client, call, options, seq_out, |c, spec| {
+            let seq = c.with(|client| {
+                let seq = client.reserve_seq()?;
+                client.submit_pipelined(seq, spec)?;
+                Ok(seq)
+            })?;
+            if !c.flusher.schedule(c) {
+                // No thread to send it later: now. The job is named either
+                // way; a broken connection is for the next call to report.
+                let _ = c.confirm_pipelined();
+            }
             Ok(seq)
-        })?;
-        // SAFETY: checked above; the caller promises it is writable.
-        unsafe { write_out(seq_out, seq) };
-        if !c.flusher.schedule(&c) {
-            // No thread to send it later: now. The job is named either way;
-            // a broken connection is for the next call to report.
-            let _ = c.flush_pipelined();
-        }
-        Ok(())
-    })
+        })
+    }
 }
 
 /// Sends this client's pipelined submissions

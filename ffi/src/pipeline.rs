@@ -11,6 +11,7 @@
 //! [`FLUSH_DELAY`] while submissions are being made, sleeps when they stop,
 //! and ends when the client is freed.
 
+use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,12 @@ pub(crate) const FLUSH_DELAY: Duration = Duration::from_millis(1);
 /// been made for this long; until then it looks every [`FLUSH_DELAY`].
 const IDLE_AFTER: Duration = Duration::from_millis(50);
 
+thread_local! {
+    /// Set on flushing threads (`std::thread::current` would allocate a
+    /// handle on the caller's thread that C programs never free).
+    static IN_FLUSHER: Cell<bool> = const { Cell::new(false) };
+}
+
 /// The thread's state.
 struct State {
     /// When the last pipelined submission was made.
@@ -32,8 +39,8 @@ struct State {
     idle: bool,
     /// The client is gone: the thread ends.
     stop: bool,
-    /// The thread was started.
-    running: bool,
+    /// The thread, once started.
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The flushing thread's side of one client.
@@ -44,7 +51,7 @@ pub(crate) struct Flusher {
 
 impl Default for Flusher {
     fn default() -> Self {
-        let state = State { last: Instant::now(), idle: true, stop: false, running: false };
+        let state = State { last: Instant::now(), idle: true, stop: false, thread: None };
         Self { state: Mutex::new(state), wake: Condvar::new() }
     }
 }
@@ -61,28 +68,37 @@ impl Flusher {
     pub(crate) fn schedule(self: &Arc<Self>, client: &Arc<picloud_client>) -> bool {
         let mut state = self.state();
         state.last = Instant::now();
-        if !state.running {
+        if state.thread.is_none() {
             let (me, weak) = (self.clone(), Arc::downgrade(client));
-            let spawn = std::thread::Builder::new().name("picloud-flush".into()).spawn(move || me.run(weak));
-            state.running = spawn.is_ok();
+            state.thread =
+                std::thread::Builder::new().name("picloud-flush".into()).spawn(move || me.run(weak)).ok();
         }
         if state.idle {
             state.idle = false;
             self.wake.notify_one();
         }
-        state.running
+        state.thread.is_some()
     }
 
-    /// Ends the thread (the client is being dropped).
+    /// Ends the thread (the client is being dropped) and waits for it,
+    /// unless this is that thread (it dropped the client's last reference).
     pub(crate) fn stop(&self) {
-        self.state().stop = true;
+        let thread = {
+            let mut state = self.state();
+            state.stop = true;
+            state.thread.take()
+        };
         self.wake.notify_one();
+        if let Some(t) = thread.filter(|_| !IN_FLUSHER.with(Cell::get)) {
+            let _ = t.join();
+        }
     }
 
     /// Every [`FLUSH_DELAY`] while submissions are being made, sends what
     /// the client buffered and reads the replies (nothing to do, usually:
     /// the client's own requests do both).
     fn run(&self, client: Weak<picloud_client>) {
+        IN_FLUSHER.with(|f| f.set(true));
         let mut state = self.state();
         loop {
             if state.stop {

@@ -93,11 +93,9 @@ pub(crate) struct Conn {
 pub(crate) const MAX_SUBMISSIONS_IN_FLIGHT: u32 = picloud_proto::client::MAX_OUTSTANDING as u32;
 
 impl Conn {
-    /// Whether the next frame may be handed on now.
+    /// Whether the next frame may be handed on now, as far as the requests
+    /// in flight go (a closing connection takes none at all).
     pub(crate) fn may_take_frame(&self) -> bool {
-        if self.closing {
-            return false;
-        }
         self.in_flight == 0
             || (self.submissions_in_flight
                 && self.in_flight < MAX_SUBMISSIONS_IN_FLIGHT
