@@ -19,7 +19,7 @@ import weakref
 
 import cloudpickle
 
-from . import _ffi, _payload
+from . import _ffi, _fncache, _payload
 from ._ffi import check, cstr, ffi, lib
 from ._session import session
 
@@ -127,7 +127,7 @@ def _pickle_function(func):
         raise TypeError(f"{func!r} is not callable")
     _by_value(func)
     try:
-        return cloudpickle.dumps(func, protocol=5)
+        return _fncache.dumps(func)
     except Exception as e:
         raise TypeError(f"cannot pickle the function {getattr(func, '__name__', func)!r}: {e}") from e
 

@@ -48,6 +48,18 @@ def test_call_and_map_with_lambdas_and_closures(cluster):
     assert cloud.status(jids[:3]) == ["done"] * 3
 
 
+def test_each_call_sees_what_its_function_captures_at_that_call(cluster):
+    step = 1
+
+    def advance(x):
+        return x + step
+
+    first = cloud.call(advance, 10)
+    step = 5                       # rebinds the closure's cell
+    second = cloud.call(advance, 10)
+    assert cloud.result([first, second]) == [11, 15]
+
+
 def test_a_long_map_is_submitted_in_batches(cluster, monkeypatch):
     monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 400)
     jids = cloud.map(lambda x: -x, range(1000), _chunksize=1)
