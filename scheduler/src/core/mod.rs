@@ -260,6 +260,8 @@ struct Job {
     priority: u64,
     /// Its key while it is in the queue.
     queued: Option<QueueKey>,
+    /// When it reached the core, among all jobs (see [`Core::next_arrival`]).
+    arrival: u64,
 }
 
 impl Job {
@@ -413,6 +415,10 @@ pub struct Core {
     reservation: Option<(u64, Millis)>,
     /// Tasks restored as unconfirmed (see [`RestoredJob::unconfirmed`]).
     unconfirmed: BTreeSet<TaskId>,
+    /// The arrival number of the next job added: jobs tie in the queue by
+    /// the order they reached the core, which a job submitted under a
+    /// number reserved earlier does not share with its sequence number.
+    next_arrival: u64,
 }
 
 impl Default for Core {
@@ -446,6 +452,7 @@ impl Core {
             last_recompute: 0,
             reservation: None,
             unconfirmed: BTreeSet::new(),
+            next_arrival: 0,
         }
     }
 
@@ -663,7 +670,7 @@ impl Core {
                     job.priority =
                         job.factors(config, fair_share, *cluster_cores, *now).priority(&config.weights);
                 }
-                let key = QueueKey { rank: job.rank(config), seq };
+                let key = QueueKey { rank: job.rank(config), arrival: job.arrival, seq };
                 job.queued = Some(key);
                 queue.insert(key, QueueEntry { cores: job.task_cores(), walltime: job.walltime(config) });
             }
@@ -687,7 +694,7 @@ impl Core {
         let (jobs, config) = (&mut self.jobs, &self.config);
         self.queue.rebuild(|old| {
             let job = jobs.get_mut(&old.seq).expect("queued job exists");
-            let key = QueueKey { rank: job.rank(config), seq: old.seq };
+            let key = QueueKey { rank: job.rank(config), arrival: job.arrival, seq: old.seq };
             job.queued = Some(key);
             key
         });
@@ -751,8 +758,10 @@ impl Core {
             eligible_since: self.now,
             priority: 0,
             queued: None,
+            arrival: self.next_arrival,
             request,
         };
+        self.next_arrival += 1;
         let mut never = None;
         for &(kind, on) in &job.request.depend {
             match self.dependency_outcome(on) {

@@ -3,7 +3,9 @@
 //! Only jobs that could start a task now (not held, dependencies met, an
 //! unstarted task left) are in it. The order is a [`QueueKey`]: a rank that
 //! the policy computes (0 for submission order, the walltime for shortest job
-//! first, the inverted priority for multifactor), then the sequence number. A
+//! first, the inverted priority for multifactor), then the order in which the
+//! jobs reached the core (which is sequence order, except for a job submitted
+//! under a number reserved before others were submitted). A
 //! `BTreeMap` keeps that order, so a scheduling pass walks the queue without
 //! sorting it, and a job enters or leaves it in O(log n). Each entry carries
 //! what a pass needs to skip a job cheaply (its size and walltime) without
@@ -18,7 +20,9 @@ use super::Millis;
 pub(crate) struct QueueKey {
     /// Policy rank; lower runs first.
     pub(crate) rank: u64,
-    /// Submission order breaks ties.
+    /// Arrival order breaks ties.
+    pub(crate) arrival: u64,
+    /// The job (unique per arrival, so it never decides the order).
     pub(crate) seq: u64,
 }
 

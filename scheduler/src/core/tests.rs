@@ -306,6 +306,19 @@ fn a_job_the_usable_nodes_cannot_hold_gets_no_reservation() {
 }
 
 #[test]
+fn ties_go_to_the_job_that_arrived_first_not_to_the_lower_number() {
+    let mut c = fcfs();
+    node(&mut c, 0, 1);
+    run(&mut c, Event::Submit { seq: 1, request: req(1) });
+    run(&mut c, Event::Submit { seq: 9, request: req(1) });
+    // A number reserved before job 9 was submitted, used after it.
+    run(&mut c, Event::Submit { seq: 4, request: req(1) });
+    assert_eq!(c.queue_order().collect::<Vec<_>>(), vec![9, 4]);
+    let d = run(&mut c, Event::TaskFinished { task: job(1), success: true });
+    assert_eq!(started(&d), vec![job(9)]);
+}
+
+#[test]
 fn sjf_orders_the_queue_by_walltime() {
     let mut c = with(Policy::SjfEasy);
     node(&mut c, 0, 1);

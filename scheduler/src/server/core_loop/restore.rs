@@ -13,9 +13,10 @@
 //!    timeout get their fate from [`fate_of_running`], the one place that
 //!    decides it, and the decision is recorded like any other change;
 //! 4. the scheduling core is rebuilt with every job after the jobs it
-//!    depends on ([`restore_order`]: sequence order, but for a job
-//!    submitted under a reserved number, which may depend on jobs of
-//!    higher numbers submitted before it): finished jobs by their outcome,
+//!    depends on, and otherwise in submission order ([`restore_order`]: by
+//!    submission second, then sequence number, which a job submitted under
+//!    a reserved number does not follow), since the core ranks jobs that
+//!    tie by the order it was given them: finished jobs by their outcome,
 //!    unfinished ones as a submission of the tasks still to start plus
 //!    their unconfirmed tasks, held as they were, waiting only on
 //!    dependencies not yet met;
@@ -166,21 +167,24 @@ impl CoreLoop {
 }
 
 /// The jobs of `jobs` in an order where each comes after the jobs it
-/// depends on: sequence order, except that a job depending on jobs of
-/// higher numbers (it was submitted under a number reserved before them)
-/// comes after them. The core judges a dependency when it adds the job,
-/// from what it knows of the job depended on then. O(jobs + dependencies);
-/// dependencies form no cycle (a job may depend only on jobs that existed
-/// when it was submitted).
+/// depends on: the order they were submitted in, as far as the table knows
+/// it (by submission second, then sequence number), except that a job comes
+/// after every job it depends on. The core judges a dependency when it adds
+/// the job, from what it knows of the job depended on then, and ranks jobs
+/// that tie by the order it was given them. O(jobs log jobs +
+/// dependencies); dependencies form no cycle (a job may depend only on jobs
+/// that existed when it was submitted).
 pub(crate) fn restore_order(jobs: &JobMap) -> Vec<u64> {
+    let mut roots: Vec<(u64, u64)> = jobs.iter().map(|(&seq, job)| (job.ctime, seq)).collect();
+    roots.sort_unstable();
     let mut order = Vec::with_capacity(jobs.len());
-    // Jobs placed before their turn in sequence order.
-    let mut early = HashSet::new();
+    let mut placed = HashSet::with_capacity(jobs.len());
     // Depth-first, iterative (chains of dependencies may be long): each job
-    // with the position of its next dependency to look at.
+    // with the position of its next dependency to look at. A job is marked
+    // placed when it is pushed, so that it is pushed once.
     let mut stack: Vec<(u64, usize)> = Vec::new();
-    for &root in jobs.keys() {
-        if early.remove(&root) {
+    for (_, root) in roots {
+        if !placed.insert(root) {
             continue;
         }
         stack.push((root, 0));
@@ -188,9 +192,8 @@ pub(crate) fn restore_order(jobs: &JobMap) -> Vec<u64> {
             match jobs.get(seq).and_then(|j| j.spec.depend.get(*next)) {
                 Some(d) => {
                     *next += 1;
-                    // Jobs numbered below `root` are placed already.
                     let on = d.on.seq();
-                    if on > root && jobs.contains_key(&on) && early.insert(on) {
+                    if jobs.contains_key(&on) && placed.insert(on) {
                         stack.push((on, 0));
                     }
                 }

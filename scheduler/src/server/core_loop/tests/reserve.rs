@@ -130,6 +130,16 @@ fn numbers_not_reserved_by_the_connection_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn a_reserved_job_queues_behind_jobs_submitted_before_it() {
+    let mut h = Harness::new();
+    let first = reserved(&mut h, CLIENT, 4);
+    let (later, _) = h.submit(spec(None));
+    assert!(later > first + 3);
+    accepted(&mut h, CLIENT, first, spec(None));
+    assert_eq!(h.core.core.queue_order().collect::<Vec<_>>(), vec![later, first]);
+}
+
+#[test]
 fn numbers_of_a_closed_connection_are_refused() {
     let mut h = Harness::new();
     let first = reserved(&mut h, CLIENT, 3);
@@ -240,4 +250,13 @@ fn jobs_are_restored_after_the_jobs_they_depend_on() {
     assert_eq!(restore_order(&jobs), vec![1, 7, 9, 2, 3, 8, 10]);
     let plain: JobMap = [job(1, &[]), job(2, &[1]), job(3, &[1, 2])].into_iter().collect();
     assert_eq!(restore_order(&plain), vec![1, 2, 3], "sequence order when nothing comes early");
+    // Submission seconds come first: 4 was submitted under a number reserved
+    // before 5 and 6, a second after them, and 6 depends on 4.
+    let at = |second: u64, (seq, record): (u64, Arc<JobRecord>)| {
+        (seq, Arc::new(JobRecord { ctime: second, ..(*record).clone() }))
+    };
+    let late: JobMap = [at(10, job(4, &[])), at(9, job(5, &[])), at(11, job(6, &[4])), at(9, job(7, &[]))]
+        .into_iter()
+        .collect();
+    assert_eq!(restore_order(&late), vec![5, 7, 4, 6]);
 }
