@@ -232,6 +232,7 @@ pub(crate) fn agent(a: AgentArgs) -> anyhow::Result<()> {
         local_socket: Some(a.local_socket.unwrap_or_else(|| dir.join("agent.sock"))),
         python_path: a.python_path.or_else(|| std::env::var("PICLOUD_PYTHONPATH").ok()),
         shm,
+        started_report_delay: picloud_nodeagent::agent::STARTED_REPORT_DELAY,
     };
     picloud_nodeagent::agent::run(config)?;
     Ok(())

@@ -18,7 +18,8 @@
 //!    the next timer is due. It reads the server and the workers itself, so
 //!    a message costs no switch to another thread. Then it writes at most one
 //!    `Started` and one `Finished` frame, so that under load many task ends
-//!    share a frame;
+//!    share a frame. Starts wait up to [`AgentConfig::started_report_delay`] for an end
+//!    to go with, so that a short task costs the server one wake-up;
 //! 5. on [`ToAgent::Shutdown`] or a signal, terminate every task's process
 //!    group (SIGTERM, then SIGKILL after the grace period), reap them, stop
 //!    the threads, remove the spool files, and return.
@@ -95,6 +96,10 @@ const MAX_BATCH: usize = 4096;
 /// How often an agent with nothing else to send says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How long a start may wait to be reported, by default
+/// ([`AgentConfig::started_report_delay`]).
+pub const STARTED_REPORT_DELAY: Duration = Duration::from_millis(20);
+
 /// First pause before connecting again to a lost server; it doubles up to
 /// [`RECONNECT_MAX_PAUSE`].
 const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(50);
@@ -125,6 +130,11 @@ pub struct AgentConfig {
     pub python_path: Option<String>,
     /// Shared-memory store settings; `None` disables the store.
     pub shm: Option<crate::shm::StoreConfig>,
+    /// How long a task's start may wait to be reported: a task that ends
+    /// sooner has its start and its end reported in one write, so that a
+    /// short task wakes the server once, not twice. The server learns of a
+    /// start from its own decision; the report only says the agent is alive.
+    pub started_report_delay: Duration,
 }
 
 /// Why the agent could not run.
@@ -284,6 +294,7 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
     let python = python::PythonSide::new(pool, store);
     let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx, python);
     agent.cgroups = cgroups;
+    agent.started_delay = config.started_report_delay;
     agent.link = Some(Link { server: addr.clone(), node: node.clone() });
     agent.incoming = Some(incoming);
     agent.wake = Some(wake_rx);
@@ -682,6 +693,10 @@ struct Agent {
     next_serial: u64,
     /// Tasks started since the last frame.
     started: Vec<TaskId>,
+    /// When the oldest of `started` started.
+    started_since: Option<Instant>,
+    /// [`AgentConfig::started_report_delay`].
+    started_delay: Duration,
     /// Tasks ended since the last frame.
     finished: Vec<TaskEnd>,
     spawn_lock: Arc<Mutex<()>>,
@@ -741,6 +756,8 @@ impl Agent {
             timers: BinaryHeap::new(),
             next_serial: 0,
             started: Vec::new(),
+            started_since: None,
+            started_delay: STARTED_REPORT_DELAY,
             finished: Vec::new(),
             spawn_lock,
             spawned,
@@ -770,6 +787,7 @@ impl Agent {
                 .chain(self.shutdown_deadline)
                 .chain(self.reconnect.map(|(at, _)| at))
                 .chain(self.heartbeat_due())
+                .chain(self.started_since.map(|at| at + self.started_delay))
                 .min();
             if self.next_events(events, deadline).is_err() {
                 // Every helper thread is gone: no exit can be learnt any more.
@@ -1114,6 +1132,7 @@ impl Agent {
         self.tasks.insert(pid, entry);
         self.pids.insert(task, pid);
         self.started.push(task);
+        self.started_since.get_or_insert(now);
     }
 
     fn on_exit(&mut self, exit: Exit) {
@@ -1237,13 +1256,16 @@ impl Agent {
         }
         if !self.server_up {
             self.started.clear();
+            self.started_since = None;
             return;
         }
-        if self.started.is_empty() && self.finished.is_empty() {
+        let starts_due = self.started_since.is_some_and(|at| at.elapsed() >= self.started_delay);
+        if self.finished.is_empty() && !starts_due {
             return;
         }
         let mut result = Ok(());
         if !self.started.is_empty() {
+            self.started_since = None;
             result = write_frame(&mut self.writer, &AgentMsg::Started(std::mem::take(&mut self.started)));
         }
         if result.is_ok() && !self.finished.is_empty() {

@@ -38,6 +38,7 @@ struct Harness {
 /// Returns the listener's stream before the handshake.
 fn start_agent(
     grace: Duration,
+    started_report_delay: Duration,
 ) -> (tempfile::TempDir, PathBuf, UnixStream, crossbeam_channel::Receiver<Result<(), AgentError>>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("server.sock");
@@ -52,6 +53,7 @@ fn start_agent(
         local_socket: None,
         python_path: None,
         shm: None,
+        started_report_delay,
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
@@ -80,7 +82,12 @@ fn start_agent(
 impl Harness {
     /// An agent that has been welcomed.
     fn new(grace: Duration) -> Self {
-        let (dir, spool, mut conn, agent) = start_agent(grace);
+        Self::with_report_delay(grace, agent::STARTED_REPORT_DELAY)
+    }
+
+    /// An agent that has been welcomed, reporting starts up to `delay` late.
+    fn with_report_delay(grace: Duration, delay: Duration) -> Self {
+        let (dir, spool, mut conn, agent) = start_agent(grace, delay);
         let hello: Hello = read_frame(&mut conn).unwrap();
         assert_eq!(hello.magic, picloud_proto::HELLO_MAGIC);
         let Role::Agent(node) = hello.role else { panic!("not an agent: {hello:?}") };
@@ -202,6 +209,49 @@ fn read_pid(path: &str) -> i32 {
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AGENT_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[test]
+fn a_start_is_reported_with_the_end_of_a_short_task_and_alone_for_a_long_one() {
+    let _one = serial();
+    // With a day to wait, a start can only go out with its task's end.
+    let mut h = Harness::with_report_delay(Duration::from_millis(500), Duration::from_secs(86_400));
+    let workdir = h.dir.path().to_path_buf();
+    h.define(job(1, script("exit 0\n"), &workdir));
+    let short = task(1, None, &h);
+    h.send(&ToAgent::Start(vec![short.clone()]));
+    let first = loop {
+        match read_frame::<AgentMsg>(&mut h.conn) {
+            Ok(AgentMsg::Running(_) | AgentMsg::Heartbeat) => {}
+            other => break other,
+        }
+    };
+    match first {
+        Ok(AgentMsg::Started(ids)) => assert_eq!(ids, vec![short.task]),
+        other => panic!("expected Started, got {other:?}"),
+    }
+    // Written together: the end is there already.
+    h.conn.set_nonblocking(true).unwrap();
+    let end = read_frame::<AgentMsg>(&mut h.conn);
+    h.conn.set_nonblocking(false).unwrap();
+    match end {
+        Ok(AgentMsg::Finished(ends)) => {
+            assert_eq!(ends.iter().map(|e| e.task).collect::<Vec<_>>(), vec![short.task])
+        }
+        other => panic!("expected Finished in the same write, got {other:?}"),
+    }
+    drop(h);
+
+    // With 50 ms, a long task's start is reported while it runs.
+    let mut h = Harness::with_report_delay(Duration::from_millis(200), Duration::from_millis(50));
+    let workdir = h.dir.path().to_path_buf();
+    h.define(job(2, script("sleep 30\n"), &workdir));
+    let long = task(2, None, &h);
+    h.send(&ToAgent::Start(vec![long.clone()]));
+    h.wait_started(&[long.task]);
+    assert!(h.finished.is_empty());
+    h.send(&ToAgent::Kill { task: long.task, reason: "done".into() });
+    h.wait_finished(&[long.task]);
 }
 
 #[test]
@@ -510,7 +560,8 @@ fn a_lost_server_is_reconnected_to_with_the_ends_kept() {
 #[test]
 fn refused_handshake_is_reported() {
     let _one = serial();
-    let (_dir, _spool, mut conn, agent) = start_agent(Duration::from_millis(100));
+    let (_dir, _spool, mut conn, agent) =
+        start_agent(Duration::from_millis(100), agent::STARTED_REPORT_DELAY);
     let _hello: Hello = read_frame(&mut conn).unwrap();
     let refusal =
         ServerReply::Error(ProtoError::new(ErrorKind::VersionMismatch, "protocol version 7 expected"));
@@ -523,7 +574,8 @@ fn refused_handshake_is_reported() {
 #[test]
 fn server_hanging_up_during_handshake_is_reported() {
     let _one = serial();
-    let (_dir, _spool, mut conn, agent) = start_agent(Duration::from_millis(100));
+    let (_dir, _spool, mut conn, agent) =
+        start_agent(Duration::from_millis(100), agent::STARTED_REPORT_DELAY);
     let _hello: Hello = read_frame(&mut conn).unwrap();
     drop(conn);
     let err = agent.recv_timeout(TIMEOUT).unwrap().unwrap_err();
@@ -543,6 +595,7 @@ fn no_server_is_a_connect_error() {
         local_socket: None,
         python_path: None,
         shm: None,
+        started_report_delay: agent::STARTED_REPORT_DELAY,
     };
     let err = agent::run(config).unwrap_err();
     assert!(matches!(err, AgentError::Connect { .. }), "{err:?}");

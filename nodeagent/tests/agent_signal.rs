@@ -104,6 +104,7 @@ fn main() {
         local_socket: None,
         python_path: None,
         shm: None,
+        started_report_delay: agent::STARTED_REPORT_DELAY,
     };
     let result = agent::run(config);
     let task_pid = server.join();
