@@ -41,10 +41,6 @@ class Segment:
             self.mapping = mmap.mmap(f.fileno(), self.size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
 
 
-# Chunk sizes of maps (see Session.chunksizes), by cluster address.
-_chunksizes = {}
-
-
 class Session:
     """Handles of one process; create through ``session()``."""
 
@@ -76,9 +72,6 @@ class Session:
         self.ended = {}
         self.ended_tasks = {}
         self.cache_lock = threading.Lock()
-        # Elements per task of each chunked map job, by sequence number: kept
-        # per cluster address, so jids stay readable after init() to it again.
-        self.chunksizes = _chunksizes.setdefault(self.address, {})
 
     def _find_or_start(self):
         configured = _local.configured_dir()

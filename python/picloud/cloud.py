@@ -51,14 +51,37 @@ MAX_AUTO_CHUNK = 1000
 class Jid(int):
     """A job id: an int (as PiCloud's were) that also knows its picloud job
     and array index. ``seq`` is the job's sequence number; ``index`` the
-    element of a map, or None for a ``call``."""
+    element of a map, or None for a ``call``; ``chunk`` the elements per task
+    of the map (1 unless it was chunked).
 
-    def __new__(cls, seq, index=None):
-        return super().__new__(cls, (seq << 32) | (0 if index is None else index + 1))
+    The int holds all three, so that a jid stored as a plain int and read
+    back in another process still names its task: bits 0-31 hold the index
+    plus one (0 for a call), bits 32-95 the sequence number, and the bits
+    from 96 up the chunk size when it is over 1.
+    """
+
+    def __new__(cls, seq, index=None, chunk=1):
+        if not 0 <= seq < 1 << 64:
+            raise ValueError(f"job sequence number {seq} out of range")
+        if index is not None and not 0 <= index < 0xFFFFFFFF:
+            raise ValueError(f"element index {index} out of range")
+        if chunk < 1 or (chunk > 1 and index is None):
+            raise ValueError(f"chunk size {chunk} for {'a call' if index is None else 'a map element'}")
+        low = 0 if index is None else index + 1
+        return super().__new__(cls, ((chunk if chunk > 1 else 0) << 96) | (seq << 32) | low)
+
+    @classmethod
+    def from_int(cls, value):
+        """The jid whose int is ``value``."""
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"{value} is not a job id")
+        low = value & 0xFFFFFFFF
+        return cls((value >> 32) & ((1 << 64) - 1), None if low == 0 else low - 1, max(1, value >> 96))
 
     @property
     def seq(self):
-        return int(self) >> 32
+        return (int(self) >> 32) & ((1 << 64) - 1)
 
     @property
     def index(self):
@@ -66,9 +89,20 @@ class Jid(int):
         return None if low == 0 else low - 1
 
     @property
+    def chunk(self):
+        return max(1, int(self) >> 96)
+
+    @property
+    def task_index(self):
+        """The array index of the task that runs this element (None for a call)."""
+        index = self.index
+        return None if index is None else index // self.chunk
+
+    @property
     def job_id(self):
-        """The id `qstat` shows: ``12`` or ``12[3]``."""
-        return str(self.seq) if self.index is None else f"{self.seq}[{self.index}]"
+        """The id `qstat` shows: ``12`` or ``12[3]`` (the task's index)."""
+        task = self.task_index
+        return str(self.seq) if task is None else f"{self.seq}[{task}]"
 
 
 class CloudException(Exception):
@@ -365,9 +399,7 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
         seq = _submit(s, function, blobs, names, options, name)
         _remember(s, seq, names, list(segments))
         count = sum(len(u) for u in units[first:first + len(blobs)]) if chunk > 1 else len(blobs)
-        if chunk > 1:
-            s.chunksizes[seq] = chunk
-        jids.extend(Jid(seq, i) for i in range(count))
+        jids.extend(Jid(seq, i, chunk) for i in range(count))
         first += len(blobs)
         blobs.clear(), names.clear(), segments.clear()
 
@@ -386,9 +418,7 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
 
 def _task_index(jid):
     """The array index of the task running ``jid`` (None for a call)."""
-    if jid.index is None:
-        return None
-    return jid.index // session().chunksizes.get(jid.seq, 1)
+    return jid.task_index
 
 
 _live_mappings = weakref.WeakValueDictionary()
@@ -417,9 +447,7 @@ def _jid(j):
     """``j`` as a :class:`Jid` (PiCloud scripts may hand back plain ints)."""
     if isinstance(j, Jid):
         return j
-    j = int(j)
-    low = j & 0xFFFFFFFF
-    return Jid(j >> 32, None if low == 0 else low - 1)
+    return Jid.from_int(j)
 
 
 def _as_list(jids):
@@ -576,7 +604,7 @@ def _decoded(s, t):
 
 def _element(jid, t):
     """For an element of a chunked map whose task returned: its entry."""
-    chunk = session().chunksizes.get(jid.seq, 1)
+    chunk = jid.chunk
     if chunk == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
         return None
     return t._decoded_value[jid.index % chunk]
@@ -584,7 +612,7 @@ def _element(jid, t):
 
 def _element_error(jid, t):
     """``(exception, "Type: message", traceback)`` of a failed element of a chunked map."""
-    if session().chunksizes.get(jid.seq, 1) == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
+    if jid.chunk == 1 or t.outcome != lib.PICLOUD_OUTCOME_RETURNED:
         return None
     _decoded(session(), t)
     entry = _element(jid, t)
@@ -602,7 +630,7 @@ def _value(s, jid, t, ignore_errors):
     word = _status_word(t.state, t.exit_status, t.comment)
     if t.outcome == lib.PICLOUD_OUTCOME_RETURNED:
         value = _decoded(s, t)
-        chunk = s.chunksizes.get(jid.seq, 1)
+        chunk = jid.chunk
         if chunk == 1:
             return value
         entry = value[jid.index % chunk]

@@ -316,6 +316,46 @@ def test_jids_of_a_chunked_map_stay_readable_after_init_to_the_same_cluster(clus
     assert cloud.status(jids[599]) == "done"
 
 
+def test_jids_of_a_chunked_map_stored_as_ints_are_read_in_another_process(cluster):
+    def odd_fails(x):
+        if x % 2:
+            raise ValueError(f"odd {x}")
+        return x * 3
+
+    jids = cloud.map(odd_fails, range(600), _chunksize=7)
+    cloud.join(jids, ignore_errors=True)
+    assert jids[20].chunk == 7 and jids[20].task_index == 2 and jids[20].job_id == f"{jids[20].seq}[2]"
+    picked = [int(j) for j in (jids[0], jids[13], jids[20], jids[599])]
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(PYTHON_DIR)!r})
+        import picloud as cloud
+        cloud.init({str(cluster.dir)!r})
+        jids = json.loads(sys.argv[1])
+        values = cloud.result(jids, ignore_errors=True)
+        print(json.dumps([v if isinstance(v, int) else str(v).splitlines()[0] for v in values]))
+        print(json.dumps(cloud.status(jids)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(picked)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    values, states = (json.loads(line) for line in out.stdout.splitlines())
+    assert values[0] == 0 and values[2] == 60, values
+    assert "odd 13" in values[1] and "odd 599" in values[3], values
+    assert states == ["done", "error", "done", "error"]
+
+
+def test_a_jid_keeps_its_parts_through_int():
+    for parts in [(1, None, 1), (7, 0, 1), (1 << 40, 12, 1), (3, 599, 7), ((1 << 64) - 1, 0xFFFFFFFE, 1000)]:
+        jid = cloud.Jid(*parts)
+        back = cloud.Jid.from_int(int(jid))
+        assert (back.seq, back.index, back.chunk) == parts
+    assert int(cloud.Jid(5)) == 5 << 32 and int(cloud.Jid(5, 2)) == (5 << 32) | 3
+    for bad in [(-1,), (1 << 64,), (1, 0xFFFFFFFF), (1, None, 2), (1, 0, 0)]:
+        with pytest.raises(ValueError):
+            cloud.Jid(*bad)
+
+
 def test_a_1gib_array_argument_is_read_without_a_copy(cluster):
     np = pytest.importorskip("numpy")
     n = (1 << 30) // 8
