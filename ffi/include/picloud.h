@@ -342,8 +342,8 @@ typedef struct picloud_bytes {
 
 /**
  * A Python function call (see docs/workers.md): one task per entry of
- * `args`; more than one makes a map, an array with indices 0 to
- * `args_len - 1` whose task `i` gets `args[i]`. Set `struct_size` to
+ * `args`; more than one (or `array` set) makes a map, an array with indices
+ * 0 to `args_len - 1` whose task `i` gets `args[i]`. Set `struct_size` to
  * `sizeof(picloud_python_call)`.
  */
 typedef struct picloud_python_call {
@@ -393,6 +393,12 @@ typedef struct picloud_python_call {
    * Number of entries in `segments`.
    */
   size_t segments_len;
+  /**
+   * Non-zero: the job is an array (indices 0 to `args_len - 1`) even with
+   * one task, as a map of one element is; zero: an array only with more
+   * than one task.
+   */
+  uint32_t array;
 } picloud_python_call;
 
 /**

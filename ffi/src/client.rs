@@ -569,8 +569,8 @@ pub struct picloud_bytes {
 }
 
 /// A Python function call (see docs/workers.md): one task per entry of
-/// `args`; more than one makes a map, an array with indices 0 to
-/// `args_len - 1` whose task `i` gets `args[i]`. Set `struct_size` to
+/// `args`; more than one (or `array` set) makes a map, an array with indices
+/// 0 to `args_len - 1` whose task `i` gets `args[i]`. Set `struct_size` to
 /// `sizeof(picloud_python_call)`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -601,6 +601,10 @@ pub struct picloud_python_call {
     pub segments: *const *const c_char,
     /// Number of entries in `segments`.
     pub segments_len: usize,
+    /// Non-zero: the job is an array (indices 0 to `args_len - 1`) even with
+    /// one task, as a map of one element is; zero: an array only with more
+    /// than one task.
+    pub array: u32,
 }
 
 // SAFETY: repr(C), starts with struct_size, integers and pointers only.
@@ -657,7 +661,7 @@ unsafe fn python_spec(
         kill_process: raw.kill_process != 0,
     };
     let mut spec = job_spec(JobCommand::Python(Box::new(python)), "python", options)?;
-    if tasks > 1 {
+    if tasks > 1 || raw.array != 0 {
         spec.array = Some(ArrayIndices::parse(&format!("0-{}", tasks - 1)).map_err(FfiError::invalid)?);
     }
     // The frame's size, before copying the payload: bincode writes a

@@ -388,6 +388,7 @@ fn submit_python(client: Client, function: &[u8], args: &[Vec<u8>], segments: &[
         args_len: arg_bufs.len(),
         segments: seg_ptrs.as_ptr(),
         segments_len: seg_ptrs.len(),
+        array: 0,
     };
     let mut seq = 0;
     // SAFETY: every pointer in call lives until the call returns; seq is writable.
@@ -413,6 +414,7 @@ fn a_python_call_over_the_frame_limit_is_refused_before_it_is_sent() {
         args_len: 1,
         segments: null(),
         segments_len: 0,
+        array: 0,
     };
     let mut seq = 0;
     // SAFETY: every pointer in call is valid for its length; seq is writable.

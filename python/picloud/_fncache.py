@@ -27,8 +27,10 @@ _SCALARS = frozenset((type(None), bool, int, float, complex, str, bytes))
 
 # id(function) -> _Entry; the entry holds the function, so the id is not reused.
 _entries = {}
-# code object -> the global names its code (nested code included) may read.
+# code object -> the global names its code (nested code included) may read;
+# emptied when it reaches NAMES_CAPACITY (re-run notebook cells make new ones).
 _names = {}
+NAMES_CAPACITY = 4096
 
 
 class _Entry:
@@ -42,7 +44,10 @@ def _code_names(code):
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 found.update(_code_names(const))
-        names = _names[code] = tuple(sorted(found))
+        names = tuple(sorted(found))
+        if len(_names) >= NAMES_CAPACITY:
+            _names.clear()
+        _names[code] = names
     return names
 
 

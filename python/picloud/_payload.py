@@ -29,6 +29,7 @@ import mmap
 import os
 import pickle
 import struct
+import threading
 from collections import OrderedDict
 
 import cloudpickle
@@ -68,11 +69,16 @@ class SegmentError(Exception):
 # Buffer addresses and the registry of mapped segments
 
 _ctypes_api = None
+_ctypes_lock = threading.Lock()
 
 
 def _buffer_api():
     global _ctypes_api
-    if _ctypes_api is None:
+    if _ctypes_api is not None:
+        return _ctypes_api
+    with _ctypes_lock:
+        if _ctypes_api is not None:
+            return _ctypes_api
         import ctypes
 
         class PyBuffer(ctypes.Structure):   # CPython's Py_buffer
@@ -107,9 +113,13 @@ def buffer_address(obj):
 
 
 # Sorted by start address; entries are (start, end, name).  Ranges of live
-# mappings never overlap.
+# mappings never overlap.  Both lists change only under _reg_lock; tokens
+# given to unregister_segment wait in _released until the lock is free, since
+# it runs from finalizers, which may interrupt this thread while it holds it.
 _reg_starts = []
 _reg_entries = []
+_reg_lock = threading.Lock()
+_released = []
 
 
 def register_segment(name, buffer):
@@ -122,31 +132,50 @@ def register_segment(name, buffer):
     """
     start, size = buffer_address(buffer)
     entry = (start, start + size, name)
-    i = bisect.bisect_left(_reg_starts, start)
-    _reg_starts.insert(i, start)
-    _reg_entries.insert(i, entry)
+    with _reg_lock:
+        _drop_released()
+        i = bisect.bisect_left(_reg_starts, start)
+        _reg_starts.insert(i, start)
+        _reg_entries.insert(i, entry)
     return entry
 
 
 def unregister_segment(token):
-    """Forget a registration made by register_segment (no error if gone)."""
-    i = bisect.bisect_left(_reg_starts, token[0])
-    while i < len(_reg_entries) and _reg_starts[i] == token[0]:
-        if _reg_entries[i] == token:
-            del _reg_starts[i]
-            del _reg_entries[i]
-            return
-        i += 1
+    """Forget a registration made by register_segment (no error if gone).
+    Safe from any thread and from finalizers: when the registry is busy, the
+    registration is dropped by its next user, before it looks anything up."""
+    _released.append(token)
+    if _reg_lock.acquire(blocking=False):
+        try:
+            _drop_released()
+        finally:
+            _reg_lock.release()
+
+
+def _drop_released():
+    """Removes the registrations given to unregister_segment (holding _reg_lock)."""
+    while _released:
+        token = _released.pop()
+        i = bisect.bisect_left(_reg_starts, token[0])
+        while i < len(_reg_entries) and _reg_starts[i] == token[0]:
+            if _reg_entries[i] == token:
+                del _reg_starts[i]
+                del _reg_entries[i]
+                break
+            i += 1
 
 
 def find_segment(address, nbytes):
     """Return ``(name, offset)`` if [address, address+nbytes) lies in a
     registered segment, else None."""
-    i = bisect.bisect_right(_reg_starts, address) - 1
-    if i >= 0:
+    with _reg_lock:
+        _drop_released()
+        i = bisect.bisect_right(_reg_starts, address) - 1
+        if i < 0:
+            return None
         start, end, name = _reg_entries[i]
-        if address + nbytes <= end:
-            return name, address - start
+    if address + nbytes <= end:
+        return name, address - start
     return None
 
 

@@ -178,8 +178,9 @@ class Session:
     def _adopt(self, handle, writable):
         seg = Segment(handle, writable)
         token = _payload.register_segment(seg.name, seg.mapping)
-        # When the last view of the mapping goes, the agent may reuse the segment.
-        weakref.finalize(seg.mapping, _release, handle, token)
+        # When the last view of the mapping goes, the agent may reuse the
+        # segment; only this process tells it so, not a forked child.
+        weakref.finalize(seg.mapping, _release, handle, token, os.getpid())
         return seg
 
     def allocate(self, sizes_out):
@@ -203,9 +204,13 @@ class Session:
             self.cluster = None
 
 
-def _release(handle, token):
+def _release(handle, token, owner):
     _payload.unregister_segment(token)
-    lib.picloud_segment_free(handle)
+    if os.getpid() == owner:
+        lib.picloud_segment_free(handle)
+    # A forked child's copy of the handle is left alone: freeing it would
+    # tell the agent, over the parent's connection, that the parent is done
+    # with the segment.
 
 
 _session = None

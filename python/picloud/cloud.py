@@ -46,6 +46,9 @@ _RESERVED = {
 #: into about this many tasks (at most ``MAX_AUTO_CHUNK`` elements each).
 AUTO_CHUNK_TASKS = 256
 MAX_AUTO_CHUNK = 1000
+#: ``result`` and ``join`` wait for each task of a map they name on its own
+#: when they name at most this many of its tasks; for the whole map else.
+TASK_WAITS = 64
 
 
 class Jid(int):
@@ -69,6 +72,10 @@ class Jid(int):
             raise ValueError(f"chunk size {chunk} for {'a call' if index is None else 'a map element'}")
         low = 0 if index is None else index + 1
         return super().__new__(cls, ((chunk if chunk > 1 else 0) << 96) | (seq << 32) | low)
+
+    def __reduce__(self):
+        # Pickled (and copied) as its int, rebuilt with all its parts.
+        return (Jid.from_int, (int(self),))
 
     @classmethod
     def from_int(cls, value):
@@ -307,15 +314,17 @@ def _sys_path_array():
     return current
 
 
-def _submit(s, function, arg_blobs, segments, options, name, pipelined=False):
+def _submit(s, function, arg_blobs, segments, options, name, pipelined=False, array=False):
     """Submits one job of ``len(arg_blobs)`` tasks; returns its sequence
     number. ``pipelined``: without waiting for the server, which hears of it
     with this thread's next request, or within a millisecond (a refusal is
-    raised by the first call that names the job)."""
+    raised by the first call that names the job). ``array``: an array job
+    even with one task (a map's are, so that its jids name task 0)."""
     keep = []
     call = ffi.new("picloud_python_call *")
     call.struct_size = ffi.sizeof("picloud_python_call")
     call.kill_process = 1 if options.get("_kill_process") else 0
+    call.array = 1 if array else 0
     interpreter = _cached_cstr(sys.executable)
     sys_path = _sys_path_array()
     keep += [interpreter, sys_path]
@@ -396,23 +405,29 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
         nonlocal first
         if not blobs:
             return
-        seq = _submit(s, function, blobs, names, options, name)
+        seq = _submit(s, function, blobs, names, options, name, array=True)
         _remember(s, seq, names, list(segments))
         count = sum(len(u) for u in units[first:first + len(blobs)]) if chunk > 1 else len(blobs)
         jids.extend(Jid(seq, i, chunk) for i in range(count))
         first += len(blobs)
         blobs.clear(), names.clear(), segments.clear()
 
-    for i, unit in enumerate(units):
-        where = f" of element {i}" if chunk == 1 else f" of elements {i * chunk}-{i * chunk + len(unit) - 1}"
-        blob, used = _encode_args(s, unit, {}, segments, where=where)
-        if blobs and (size + len(blob) > BATCH_BYTES or len(blobs) >= BATCH_ELEMENTS):
-            flush()
-            size = 0
-        blobs.append(blob)
-        names.extend(used)
-        size += len(blob)
-    flush()
+    try:
+        for i, unit in enumerate(units):
+            where = f" of element {i}" if chunk == 1 else f" of elements {i * chunk}-{i * chunk + len(unit) - 1}"
+            blob, used = _encode_args(s, unit, {}, segments, where=where)
+            if blobs and (size + len(blob) > BATCH_BYTES or len(blobs) >= BATCH_ELEMENTS):
+                flush()
+                size = 0
+            blobs.append(blob)
+            names.extend(used)
+            size += len(blob)
+        flush()
+    except BaseException:
+        # All or nothing: the batches already submitted are cancelled.
+        for seq in dict.fromkeys(j.seq for j in jids):
+            lib.picloud_client_cancel(s.client(), seq, -1)
+        raise
     return jids
 
 
@@ -575,8 +590,13 @@ def _wait_results(s, seqs, timeout):
 
 
 def _task(s, jid):
-    tasks = _tasks(s, jid.seq)
-    return tasks[_task_index(jid) or 0]
+    index = jid.task_index
+    if index is not None:
+        with s.cache_lock:
+            task = s.ended_tasks.get((jid.seq, index))
+        if task is not None:
+            return task
+    return _tasks(s, jid.seq)[index or 0]
 
 
 def _status_word(state, exit_status, comment=""):
@@ -660,9 +680,10 @@ def _value(s, jid, t, ignore_errors):
     raise exc
 
 
-def _progress(s, seqs, total):
-    """A progress bar for long maps, when it can be shown; else None."""
-    if total < PROGRESS_MIN:
+def _progress(elements, tasks):
+    """A progress bar of ``tasks`` tasks for a map of ``elements``, when it
+    is long and the bar can be shown; else None."""
+    if elements < PROGRESS_MIN:
         return None
     interactive = sys.stdout.isatty() or "ipykernel" in sys.modules
     if not interactive:
@@ -671,15 +692,41 @@ def _progress(s, seqs, total):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="job")
+    return tqdm(total=tasks, unit="task")
+
+
+def _tasks_to_wait_for(jids):
+    """``(seqs, tasks)``: the jobs to wait for as a whole, and one jid for
+    each task of a map to wait for alone (when ``jids`` name at most
+    ``TASK_WAITS`` of its tasks, so that the elements named need not wait
+    for the rest of their map)."""
+    named = {}
+    for j in jids:
+        named.setdefault(j.seq, {})[j.task_index] = j
+    seqs, tasks = [], []
+    for seq, by_task in named.items():
+        if None in by_task or len(by_task) > TASK_WAITS:
+            seqs.append(seq)
+        else:
+            tasks.extend(by_task.values())
+    return seqs, tasks
 
 
 def _wait_with_progress(s, jids, timeout, results=True):
-    """Waits until the jobs of ``jids`` have ended; with ``results``, caches
-    their outcomes too."""
-    seqs = list(dict.fromkeys(j.seq for j in jids))
+    """Waits until the jobs of ``jids`` have ended (the tasks named, for a
+    map of which few are named); with ``results``, caches their outcomes
+    too."""
+    seqs, tasks = _tasks_to_wait_for(jids)
+    if tasks:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for j in tasks:
+            _ended_task(s, j, deadline)
+        if timeout is not None:
+            timeout = max(0.0, deadline - time.monotonic())
+    if not seqs:
+        return
     wait = _wait_results if results else _wait
-    bar = _progress(s, seqs, len(jids))
+    bar = _progress(len(jids), len({(j.seq, j.task_index) for j in jids}))
     if bar is None:
         return wait(s, seqs, timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -826,15 +873,20 @@ def info(jids, info_requested=None):
 
 def kill(jids=None):
     """Kills the jobs (all jobs submitted by this process when None)."""
+    _kill(jids, forgotten_ok=jids is None)
+
+
+def _kill(jids, forgotten_ok):
+    """``kill``; ``forgotten_ok``: a job the server never queued or has
+    forgotten is not an error."""
     s = session()
     if jids is None:
         targets = [(seq, -1) for seq in s.submitted]
     else:
         jids, _ = _as_list(jids)
         targets = [(j.seq, -1 if _task_index(j) is None else _task_index(j)) for j in jids]
-    # A job that has already ended is fine to "kill"; so, when killing every
-    # job of this process, is one the server never queued or has forgotten.
-    fine = (0, lib.PICLOUD_ERR_SERVER) if jids is not None else (0, lib.PICLOUD_ERR_SERVER, lib.PICLOUD_ERR_UNKNOWN_JOB)
+    # A job that has already ended is fine to "kill".
+    fine = (0, lib.PICLOUD_ERR_SERVER, lib.PICLOUD_ERR_UNKNOWN_JOB) if forgotten_ok else (0, lib.PICLOUD_ERR_SERVER)
     for seq, index in dict.fromkeys(targets):
         rc = lib.picloud_client_cancel(s.client(), seq, index)
         if rc not in fine:
@@ -844,9 +896,10 @@ def kill(jids=None):
 def delete(jids):
     """Kills the jobs if they still run and forgets their results here,
     releasing the shared memory they held for this process. (The server
-    forgets finished jobs after its ``--keep-finished`` time.)"""
-    kill(jids)
+    forgets finished jobs after its ``--keep-finished`` time: deleting one it
+    has forgotten only forgets it here.)"""
     jids, _ = _as_list(jids)
+    _kill(jids, forgotten_ok=True)
     s = session()
     for seq in {j.seq for j in jids}:
         with s.cache_lock:

@@ -143,3 +143,10 @@ def test_the_cache_is_bounded():
         _fncache.dumps(f)
     assert len(_fncache._entries) <= _fncache.CAPACITY
     assert run(_fncache.dumps(functions[0])) == 0
+
+
+def test_the_caches_are_bounded_for_code_made_again_and_again():
+    for i in range(_fncache.NAMES_CAPACITY + 10):
+        _fncache.dumps(define(f"def f():\n    return {i}\n")["f"])
+    assert len(_fncache._names) <= _fncache.NAMES_CAPACITY
+    assert len(_fncache._entries) <= _fncache.CAPACITY

@@ -293,3 +293,37 @@ def test_cache_rejects_bad_names_and_missing_files():
             cache(bad)
     with pytest.raises(P.SegmentError, match="cannot open"):
         cache(f"picloud-test-{os.getpid()}-missing")
+
+
+def test_the_segment_registry_holds_up_under_threads():
+    import threading
+
+    errors = []
+
+    def churn(worker):
+        try:
+            for i in range(400):
+                buf = bytearray(4096)
+                name = f"seg-{worker}-{i}"
+                token = P.register_segment(name, buf)
+                start = P.buffer_address(buf)[0]
+                assert P.find_segment(start + 100, 10) == (name, 100)
+                P.unregister_segment(token)
+                assert P.find_segment(start + 100, 10) is None or P.find_segment(start + 100, 10)[0] != name
+        except BaseException as e:
+            errors.append(e)
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)          # switch threads as often as can be
+    try:
+        threads = [threading.Thread(target=churn, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert not any(entry[2].startswith("seg-") for entry in P._reg_entries)

@@ -18,7 +18,7 @@ import pytest
 from picloud_cluster import PYTHON_DIR, Cluster
 
 import picloud as cloud
-from picloud import _ffi
+from picloud import _ffi, _session
 
 
 @pytest.fixture(scope="module")
@@ -345,12 +345,88 @@ def test_jids_of_a_chunked_map_stored_as_ints_are_read_in_another_process(cluste
     assert states == ["done", "error", "done", "error"]
 
 
+def test_a_map_of_one_element_is_an_array_its_jid_names(cluster):
+    def slow_square(x):
+        time.sleep(0.3)
+        return x * x
+
+    jids = cloud.map(slow_square, [3])
+    assert jids[0].job_id == f"{jids[0].seq}[0]"
+    assert cloud.status(jids) in (["queued"], ["processing"])
+    assert list(cloud.iresult(jids)) == [9]
+    assert cloud.info(jids[0], ["job_id"])["job_id"].startswith(f"{jids[0].seq}[0]")
+    cloud.kill(jids)                                     # ended already: fine
+    short = cloud.map(slow_square, range(5), _chunksize=2)  # its last task has one element
+    assert cloud.result(short) == [0, 1, 4, 9, 16]
+
+
+def test_result_of_one_element_waits_for_it_not_for_its_map(cluster):
+    def nap(t):
+        time.sleep(t)
+        return t
+
+    jids = cloud.map(nap, [0, 30])
+    try:
+        assert cloud.result(jids[0], timeout=20) == 0
+        cloud.join([jids[0]], timeout=20)
+        with pytest.raises(cloud.CloudTimeoutError):
+            cloud.result(jids, timeout=0.5)
+    finally:
+        cloud.kill(jids)
+
+
+def test_a_map_that_fails_midway_cancels_the_batches_it_submitted(cluster, monkeypatch):
+    monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 2)
+    before = set(_session.session().submitted)
+    elements = [1, 2, 3, 4, threading.Lock()]
+    with pytest.raises(TypeError, match="element 4"):
+        cloud.map(lambda x: time.sleep(30), elements, _chunksize=1)
+    submitted = [seq for seq in _session.session().submitted if seq not in before]
+    assert len(submitted) == 1           # elements 0 and 1; 2 and 3 were not sent yet
+    cancelled = [cloud.Jid(seq, index) for seq in submitted for index in (0, 1)]
+    cloud.join(cancelled, timeout=30, ignore_errors=True)    # a kill takes effect soon, not at once
+    assert cloud.status(cancelled) == ["killed", "killed"]
+
+
+def test_delete_of_a_job_the_server_does_not_know_forgets_it_here(cluster):
+    cloud.delete(cloud.Jid(1 << 40))
+    jids = cloud.map(lambda x: x, range(3))
+    cloud.join(jids)
+    cloud.delete(j for j in jids)                       # a generator
+    assert all(j.seq not in _session.session().ended for j in jids)
+
+
+def test_a_forked_child_does_not_release_the_parents_arrays(cluster):
+    np = pytest.importorskip("numpy")
+    import gc
+    data = cloud.array((1 << 17,), np.float64)
+    data[:] = 1.0
+    pid = os.fork()
+    if pid == 0:
+        try:
+            del data
+            gc.collect()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    other = cloud.array((1 << 17,), np.float64)
+    other[:] = 7.0
+    assert not np.shares_memory(data, other)
+    assert (data == 1.0).all()
+
+
 def test_a_jid_keeps_its_parts_through_int():
     for parts in [(1, None, 1), (7, 0, 1), (1 << 40, 12, 1), (3, 599, 7), ((1 << 64) - 1, 0xFFFFFFFE, 1000)]:
         jid = cloud.Jid(*parts)
         back = cloud.Jid.from_int(int(jid))
         assert (back.seq, back.index, back.chunk) == parts
     assert int(cloud.Jid(5)) == 5 << 32 and int(cloud.Jid(5, 2)) == (5 << 32) | 3
+    import copy
+    import pickle
+    for jid in [cloud.Jid(5), cloud.Jid(9, 20, 7)]:
+        for back in (pickle.loads(pickle.dumps(jid)), copy.deepcopy(jid), copy.copy(jid)):
+            assert type(back) is cloud.Jid and back == jid
+            assert (back.seq, back.index, back.chunk) == (jid.seq, jid.index, jid.chunk)
     for bad in [(-1,), (1 << 64,), (1, 0xFFFFFFFF), (1, None, 2), (1, 0, 0)]:
         with pytest.raises(ValueError):
             cloud.Jid(*bad)
