@@ -362,12 +362,18 @@ def call(func, *args, **kwargs):
     ``"ignore"``), ``_label``, ``_priority``, ``_max_runtime`` (minutes),
     ``_restartable``, ``_kill_process``, ``_env`` (a dict).
     """
+    return _call(func, args, kwargs, pipelined=True)
+
+
+def _call(func, args, kwargs, pipelined):
+    """``call``; without ``pipelined``, the server has queued the job (or
+    refused it, raised here) when this returns."""
     options = _split_reserved(kwargs)
     s = session()
     function = _pickle_function(func)
     segments = []
     blob, names = _encode_args(s, args, kwargs, segments)
-    seq = _submit(s, function, [blob], names, options, _function_name(func), pipelined=True)
+    seq = _submit(s, function, [blob], names, options, _function_name(func), pipelined=pipelined)
     _remember(s, seq, names, segments)
     return Jid(seq)
 

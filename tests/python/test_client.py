@@ -271,6 +271,22 @@ def test_executor_works_with_as_completed_and_wait(cluster):
         assert isinstance(bad.exception(), cloud.CloudException)
 
 
+def test_executor_raises_a_refusal_at_submit_and_other_futures_go_on(cluster):
+    with cloud.Executor() as ex:
+        slow = ex.submit(time.sleep, 0.5)
+        with pytest.raises(Exception, match="cpus|cores|node"):
+            ex.submit(time.sleep, 0, _cores=100_000)
+        assert slow.result(timeout=60) is None
+        # A job the server forgets while its future waits fails that future only.
+        gone = ex.submit(time.sleep, 30)
+        kept = ex.submit(pow, 2, 5)
+        with ex._lock:
+            ex._pending[1 << 40] = ex._pending.pop(gone.jid.seq)
+        assert kept.result(timeout=60) == 32
+        assert isinstance(gone.exception(timeout=60), _ffi.UnknownJob)
+        cloud.kill(gone.jid)
+
+
 def test_function_from_a_module_workers_cannot_import(cluster, tmp_path):
     module_dir = tmp_path / "scratch"
     module_dir.mkdir()
