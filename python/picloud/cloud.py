@@ -518,10 +518,26 @@ def _string(ptr, n):
 
 
 def _fetch(s, seq):
-    """Every task of job ``seq``: a list indexed by array index (one entry for a call)."""
+    """Every task of job ``seq``: a list indexed by array index (one entry
+    for a call). Fetched in one request, or task by task when together
+    they would not fit one reply."""
     out = ffi.new("picloud_results **")
-    check(lib.picloud_client_results(s.client(), seq, -1, out))
+    rc = lib.picloud_client_results(s.client(), seq, -1, out)
+    if rc == lib.PICLOUD_ERR_SERVER:
+        status = ffi.new("picloud_task_status *")
+        status.struct_size = ffi.sizeof("picloud_task_status")
+        check(lib.picloud_client_status(s.client(), seq, -1, status))
+        if status.is_array:
+            tasks = status.array_queued + status.array_running + status.array_finished
+            return [_fetch_task(s, seq, i) for i in range(tasks)]
+    check(rc)
     return [t for _, t in _unpack(out[0])]
+
+
+def _fetch_task(s, seq, index):
+    out = ffi.new("picloud_results **")
+    check(lib.picloud_client_results(s.client(), seq, index, out))
+    return _unpack(out[0])[0][1]
 
 
 def _unpack(handle):

@@ -448,6 +448,17 @@ def test_a_jid_keeps_its_parts_through_int():
             cloud.Jid(*bad)
 
 
+def test_outcomes_over_one_reply_are_fetched_task_by_task(cluster):
+    def chatty(i):
+        sys.stdout.write("x" * (1 << 20))
+        return i
+
+    jids = cloud.map(chatty, range(68))            # 68 MiB of output in all
+    assert cloud.result(jids, timeout=300) == list(range(68))
+    assert cloud.status(jids[67]) == "done"
+    assert len(cloud.info(jids[3], ["stdout"])["stdout"]) == 1 << 20
+
+
 def test_a_1gib_array_argument_is_read_without_a_copy(cluster):
     np = pytest.importorskip("numpy")
     n = (1 << 30) // 8
