@@ -181,6 +181,8 @@ def _describe(value):
 def _encode_args(s, args, kwargs, segments, where=""):
     try:
         return _payload.encode_args(args, kwargs, s.allocate(segments))
+    except (_ffi.PicloudError, _payload.SegmentError):
+        raise       # no segment for a large buffer: not the arguments' fault
     except Exception as e:
         # Name the culprit: try each argument alone.
         for i, a in enumerate(args):

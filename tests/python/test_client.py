@@ -448,6 +448,29 @@ def test_a_jid_keeps_its_parts_through_int():
             cloud.Jid(*bad)
 
 
+def test_init_with_the_servers_socket_uses_the_agent_beside_it(cluster, monkeypatch):
+    np = pytest.importorskip("numpy")
+    monkeypatch.delenv("PICLOUD_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(cluster.dir / "nohome"))
+    try:
+        cloud.init(str(cluster.dir / "server.sock"))
+        big = np.ones(1 << 14)                      # 128 KiB: goes through a segment
+        assert cloud.result(cloud.call(lambda a: float(a.sum()), big)) == float(1 << 14)
+    finally:
+        cloud.init(cluster.dir)
+
+
+def test_a_segment_that_cannot_be_had_is_not_called_a_pickling_error(cluster, monkeypatch):
+    np = pytest.importorskip("numpy")
+
+    def refuse(size):
+        raise _ffi.PicloudError(_ffi.lib.PICLOUD_ERR_SERVER, "the agent is out of segments")
+
+    monkeypatch.setattr(_session.session(), "create_segment", refuse)
+    with pytest.raises(_ffi.PicloudError, match="out of segments"):
+        cloud.call(lambda a: 0, np.ones(1 << 14))
+
+
 def test_outcomes_over_one_reply_are_fetched_task_by_task(cluster):
     def chatty(i):
         sys.stdout.write("x" * (1 << 20))
