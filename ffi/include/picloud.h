@@ -613,8 +613,10 @@ const char *picloud_error_name(int code);
  *
  * `address` is NULL for the server this user's commands use (`$PICLOUD_SERVER`
  * if set, else the state directory `$PICLOUD_DIR`, else `~/.picloud`), or a
- * state directory, a server socket path, or `host:port`. On success `*out`
- * is a new client; free it with `picloud_client_free`.
+ * state directory, a server socket path, or `host:port` (which the server
+ * refuses for now with `PICLOUD_ERR_PERMISSION_DENIED`: its TCP port is for
+ * agents). On success `*out` is a new client; free it with
+ * `picloud_client_free`.
  *
  * # Safety
  * `address` is NULL or a NUL-terminated string; `out` points to writable

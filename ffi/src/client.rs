@@ -234,8 +234,10 @@ fn address_of(address: Option<&str>) -> Result<ServerAddr, FfiError> {
 ///
 /// `address` is NULL for the server this user's commands use (`$PICLOUD_SERVER`
 /// if set, else the state directory `$PICLOUD_DIR`, else `~/.picloud`), or a
-/// state directory, a server socket path, or `host:port`. On success `*out`
-/// is a new client; free it with `picloud_client_free`.
+/// state directory, a server socket path, or `host:port` (which the server
+/// refuses for now with `PICLOUD_ERR_PERMISSION_DENIED`: its TCP port is for
+/// agents). On success `*out` is a new client; free it with
+/// `picloud_client_free`.
 ///
 /// # Safety
 /// `address` is NULL or a NUL-terminated string; `out` points to writable
@@ -403,7 +405,17 @@ unsafe fn read_options(p: *const picloud_job_options) -> Result<Options, FfiErro
     let string = |p, what| unsafe { opt_str(p, what) }.map(|s| s.map(str::to_owned));
     let array = match string(o.array, "options->array")? {
         None => None,
-        Some(spec) => Some(ArrayIndices::parse(&spec).map_err(FfiError::invalid)?),
+        Some(spec) => {
+            let indices = ArrayIndices::parse(&spec).map_err(FfiError::invalid)?;
+            // Tasks are named by an int32_t index in this API.
+            if indices.ranges().iter().any(|r| r.end > i32::MAX as u32) {
+                return Err(FfiError::invalid(format_args!(
+                    "options->array '{spec}': indices above {} cannot be named through the C API",
+                    i32::MAX
+                )));
+            }
+            Some(indices)
+        }
     };
     // SAFETY: as above.
     let env = unsafe { str_array(o.env, o.env_len, "options->env") }?

@@ -161,22 +161,27 @@ thread_local! {
 }
 
 /// Stores `message` as this thread's last error. NUL bytes, which a C string
-/// cannot hold, become spaces.
+/// cannot hold, become spaces. A thread whose thread-locals are being
+/// destroyed (a call from a `pthread_key` destructor) keeps no message: the
+/// code alone tells what failed.
 pub(crate) fn set_last_error(message: &str) {
     let bytes: Vec<u8> = message.bytes().map(|b| if b == 0 { b' ' } else { b }).collect();
     // No NUL left: the conversion cannot fail.
     let text = CString::new(bytes).unwrap_or_default();
-    LAST_ERROR.with(|cell| *cell.borrow_mut() = Some(text));
+    let _ = LAST_ERROR.try_with(|cell| *cell.borrow_mut() = Some(text));
 }
 
-/// The start of this thread's last error message, or of an empty string. The
-/// pointer stays valid until the thread's next failing call replaces it.
+/// The start of this thread's last error message, or of an empty string
+/// (also once the thread's thread-locals are destroyed). The pointer stays
+/// valid until the thread's next failing call replaces it.
 pub(crate) fn last_error_ptr() -> *const c_char {
-    LAST_ERROR.with(|cell| match cell.borrow().as_ref() {
-        // The CString's heap buffer does not move while it stays in the cell.
-        Some(s) => s.as_ptr(),
-        None => c"".as_ptr(),
-    })
+    LAST_ERROR
+        .try_with(|cell| match cell.borrow().as_ref() {
+            // The CString's heap buffer does not move while it stays in the cell.
+            Some(s) => s.as_ptr(),
+            None => c"".as_ptr(),
+        })
+        .unwrap_or(c"".as_ptr())
 }
 
 fn panic_text(payload: &(dyn Any + Send)) -> String {

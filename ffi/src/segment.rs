@@ -57,13 +57,19 @@ struct Held {
 
 impl AgentConn {
     /// Sends `req` and reads its reply.
-    fn call(&mut self, req: LocalMsg) -> Result<LocalMsg, FfiError> {
-        if let Some(why) = &self.broken {
-            return Err(FfiError::new(
+    /// Fails once the connection broke: every later call does.
+    fn usable(&self) -> Result<(), FfiError> {
+        match &self.broken {
+            Some(why) => Err(FfiError::new(
                 PICLOUD_ERR_CONNECTION_LOST,
                 format_args!("the connection to the agent was lost earlier ({why}); connect again"),
-            ));
+            )),
+            None => Ok(()),
         }
+    }
+
+    fn call(&mut self, req: LocalMsg) -> Result<LocalMsg, FfiError> {
+        self.usable()?;
         let result = local_wire::write_msg(&mut self.stream, &req)
             .map_err(|error| LocalWireError::Io { error })
             .and_then(|()| local_wire::read_msg_in(&mut self.stream, Direction::FromAgent));
@@ -86,14 +92,18 @@ impl AgentConn {
                 FfiError::new(PICLOUD_ERR_PROTOCOL, format_args!("unreadable reply from the agent: {e}"))
             }
         };
-        // A late or half-read reply would answer the next request.
+        // A late or half-read reply would answer the next request. Closing
+        // our side makes the agent release what this connection held, as
+        // when the connection itself broke.
         self.broken = Some(err.message.clone());
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
         Err(err)
     }
 
     /// Takes a reference on `name` for a new segment object: from the agent
     /// unless this connection holds it already.
     fn hold(&mut self, name: &str) -> Result<PathBuf, FfiError> {
+        self.usable()?;
         if let Some(held) = self.held.get_mut(name) {
             held.objects += 1;
             return Ok(held.path.clone());

@@ -15,6 +15,7 @@
  */
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,6 +56,32 @@ static int failed = 0;
 
 /* Expects the last error to mention `text`. */
 #define MENTIONS(text) CHECK(strstr(picloud_last_error(), (text)) != NULL)
+
+/* A failing call from a pthread_key destructor, which runs after the
+ * thread's thread-locals are destroyed: an error code, not an abort. */
+static pthread_key_t late_key;
+static int late_code = 1;
+
+static void late_call(void *handle) {
+    late_code = picloud_client_free((picloud_client *)handle);
+    (void)picloud_last_error();
+}
+
+static void *thread_with_a_late_call(void *unused) {
+    (void)unused;
+    picloud_client_free((picloud_client *)0x2000); /* this thread's last error is set */
+    pthread_setspecific(late_key, (void *)0x1000);
+    return NULL;
+}
+
+static void calls_after_thread_locals_are_gone(void) {
+    pthread_t t;
+    CHECK(pthread_key_create(&late_key, late_call) == 0);
+    CHECK(pthread_create(&t, NULL, thread_with_a_late_call, NULL) == 0);
+    CHECK(pthread_join(t, NULL) == 0);
+    CHECK(late_code == PICLOUD_ERR_INVALID_HANDLE);
+    pthread_key_delete(late_key);
+}
 
 static void static_functions(void) {
     CHECK(strcmp(picloud_error_name(PICLOUD_ERR_TIMEOUT), "PICLOUD_ERR_TIMEOUT") == 0);
@@ -141,6 +168,9 @@ static void submitting(picloud_client *client) {
     o.flags = 0;
     o.array = "9-1";
     EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_submit_command(client, argv, 3, &o, &seq, NULL, 0));
+    o.array = "0,4294967295"; /* an index no int32_t can name */
+    EXPECT(PICLOUD_ERR_INVALID_ARGUMENT, picloud_client_submit_command(client, argv, 3, &o, &seq, NULL, 0));
+    MENTIONS("2147483647");
     o.array = NULL;
     o.env_len = 2; /* with env NULL */
     EXPECT(PICLOUD_ERR_NULL_POINTER, picloud_client_submit_command(client, argv, 3, &o, &seq, NULL, 0));
@@ -421,6 +451,7 @@ int main(int argc, char **argv) {
     }
     const char *dir = argv[1];
     static_functions();
+    calls_after_thread_locals_are_gone();
     connecting(dir);
     picloud_client *client = NULL;
     EXPECT(PICLOUD_OK, picloud_client_connect(dir, &client));
