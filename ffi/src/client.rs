@@ -907,7 +907,11 @@ impl WaitArgs {
                 )));
             }
         };
-        Ok(Self { seqs, timeout, until, ended_out })
+        let args = Self { seqs, timeout, until, ended_out };
+        // Defined on every path: a wait that fails before learning which
+        // jobs ended says none did.
+        args.report(&vec![false; n]);
+        Ok(args)
     }
 
     /// Writes the ended flags, when the caller wants them.
