@@ -150,6 +150,16 @@ class Session:
         with self._lock:
             self._pipelining = {i: h for i, h in self._pipelining.items() if i != threading.get_ident()}
 
+    def connection_lost(self):
+        """A call reported a lost connection (to the server or the agent):
+        the next call of this thread connects again, and the next segment
+        call reaches the agent anew. Jobs this thread submitted without an
+        answer yet are then named as not known to the server if it never
+        got them."""
+        self.reset_client()
+        with self._lock:
+            self._agent = None
+
     def agent(self):
         """The node agent's connection, for segments."""
         with self._lock:
@@ -250,6 +260,15 @@ def init(address=None):
             _session.close()
         _session = Session(address)
         return _session
+
+
+def _connection_lost():
+    current = _session
+    if current is not None:
+        current.connection_lost()
+
+
+_ffi.on_connection_lost.append(_connection_lost)
 
 
 def interpreter():

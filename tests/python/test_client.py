@@ -566,6 +566,37 @@ def test_server_going_away_mid_result_is_an_error_not_a_hang(tmp_path):
         c.stop()
 
 
+def test_a_thread_connects_again_after_the_server_restarted(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    c = Cluster(tmp_path, name="restarts")
+    try:
+        code = textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(PYTHON_DIR)!r})
+            import picloud as cloud
+            cloud.init({str(c.dir)!r})
+            print(cloud.result(cloud.call(int, "1")), flush=True)
+            sys.stdin.readline()                 # the server restarts meanwhile
+            outcomes = []
+            for _ in range(3):                   # the first finds the old connection broken
+                try:
+                    outcomes.append(cloud.status(cloud.Jid(1 << 30)))
+                except Exception as e:
+                    outcomes.append(type(e).__name__)
+            outcomes.append(cloud.result(cloud.call(int, "2"), timeout=60))
+            print(outcomes, flush=True)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "1"
+        c.stop()
+        c = Cluster(tmp_path, name="restarts")
+        out, err = proc.communicate("go\n", timeout=120)
+        assert out.strip() == "['ConnectionLost', 'UnknownJob', 'UnknownJob', 2]", out + err
+    finally:
+        c.stop()
+
+
 def test_embedded_default_starts_and_stops_a_local_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PICLOUD_DIR", "PICLOUD_SERVER")}
     env["HOME"] = str(tmp_path)
