@@ -64,8 +64,9 @@ class Session:
         # and so does the end of the process.
         self._pipelining = {}
         atexit.register(self.flush_pipelined)
-        # Submitted here: sequence numbers, for kill() without ids.
-        self.submitted = []
+        # Submitted here and not known to have ended: sequence numbers, for
+        # kill() without ids.
+        self.submitted = {}     # as an ordered set: ended jobs leave it
         # Segments a job's arguments use, by sequence number, until it ends.
         self.job_segments = {}
         # Result segments mapped here, by name (held until delete()).

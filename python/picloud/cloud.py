@@ -448,7 +448,7 @@ _live_mappings = weakref.WeakValueDictionary()
 
 
 def _remember(s, seq, names, segments):
-    s.submitted.append(seq)
+    s.submitted[seq] = None
     # The job must keep its argument segments until it has ended: hold the
     # mappings (ours, and those of picloud.array arrays it refers to).
     held = list(segments)
@@ -590,8 +590,9 @@ def _keep(s, seq, tasks):
     """Caches the tasks of an ended job."""
     with s.cache_lock:
         s.ended[seq] = tasks
-    # Ended: its argument segments may go.
+    # Ended: its argument segments may go, and kill() need not name it.
     s.job_segments.pop(seq, None)
+    s.submitted.pop(seq, None)
 
 
 def _wait_results(s, seqs, timeout):
@@ -905,7 +906,7 @@ def _kill(jids, forgotten_ok):
     forgotten is not an error."""
     s = session()
     if jids is None:
-        targets = [(seq, -1) for seq in s.submitted]
+        targets = [(seq, -1) for seq in list(s.submitted)]
     else:
         jids, _ = _as_list(jids)
         targets = [(j.seq, -1 if _task_index(j) is None else _task_index(j)) for j in jids]

@@ -120,7 +120,17 @@ def test_unpicklable_argument_raises_at_once_and_submits_nothing(cluster):
     with pytest.raises(TypeError) as info:
         cloud.map(lambda a: None, [1, threading.Lock()])
     assert "element 1" in str(info.value)
-    assert session().submitted == before
+    assert list(session().submitted) == before
+
+
+def test_jobs_known_to_have_ended_leave_the_list_kill_uses(cluster):
+    from picloud._session import session
+
+    jid = cloud.call(int, "4")
+    assert jid.seq in session().submitted
+    assert cloud.result(jid) == 4
+    assert jid.seq not in session().submitted
+    cloud.kill()                               # the jobs still listed; ended ones are fine
 
 
 def test_result_timeout_leaves_the_job_running(cluster):
