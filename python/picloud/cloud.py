@@ -450,10 +450,14 @@ _live_mappings = weakref.WeakValueDictionary()
 def _remember(s, seq, names, segments):
     s.submitted[seq] = None
     # The job must keep its argument segments until it has ended: hold the
-    # mappings (ours, and those of picloud.array arrays it refers to).
+    # mappings (ours, those of picloud.array arrays it refers to, and those
+    # of earlier results passed on, which delete() would otherwise release).
     held = list(segments)
     for name in names:
         mapping = _live_mappings.get(name)
+        if mapping is None:
+            result = s.result_segments.get(name)
+            mapping = None if result is None else result.mapping
         if mapping is not None:
             held.append(mapping)
     for seg in segments:

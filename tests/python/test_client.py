@@ -518,6 +518,18 @@ def test_a_large_result_comes_back_through_shared_memory(cluster):
     assert not out.flags.owndata
 
 
+def test_a_result_passed_on_is_held_by_the_job_it_is_passed_to(cluster):
+    np = pytest.importorskip("numpy")
+    first = cloud.call(lambda: np.arange(1 << 17, dtype=np.int64))   # 1 MiB: a segment
+    arr = cloud.result(first)
+    s = _session.session()
+    (name,) = s.ended[first.seq][0].segments
+    second = cloud.call(lambda a: int(a[-1]), arr)        # refers to that segment, no copy
+    assert any(m is s.result_segments[name].mapping for m in s.job_segments[second.seq])
+    cloud.delete(first)
+    assert cloud.result(second) == (1 << 17) - 1
+
+
 def test_segments_live_where_the_agent_keeps_them(tmp_path):
     # An agent with its own --shm-dir: the client and the workers learn the
     # directory from the agent, with no PICLOUD_SHM_DIR set anywhere.
