@@ -240,6 +240,12 @@ impl Client {
                 Err(e) if e.server_went_away() => e,
                 other => return other,
             };
+            // Unanswered submissions went with the connection: say so now,
+            // not after reconnecting, so that a flush from another thread
+            // does not wait for the reconnection.
+            self.lost.extend(self.outstanding.drain(..));
+            self.outstanding_bytes = 0;
+            self.unconfirmed.store(false, Ordering::Release);
             let give_up = Instant::now() + window;
             let mut pause = RECONNECT_FIRST_PAUSE;
             let mut last = err;
@@ -256,9 +262,7 @@ impl Client {
                         // reservation and unanswered submissions went with it.
                         fresh.answered = std::mem::take(&mut self.answered);
                         fresh.lost = std::mem::take(&mut self.lost);
-                        fresh.lost.extend(self.outstanding.drain(..));
                         fresh.unconfirmed = self.unconfirmed.clone();
-                        fresh.unconfirmed.store(false, Ordering::Release);
                         *self = fresh;
                         break;
                     }
@@ -463,6 +467,49 @@ mod tests {
         assert_eq!(c.take_lost(), vec![seq]);
         assert!(c.take_answered().is_empty());
         assert!(!c.unconfirmed_flag().load(Ordering::Acquire));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_reconnecting_request_gives_up_unanswered_submissions_before_it_reconnects() {
+        let (l, addr) = listener("giveup");
+        let ServerAddr::Unix(path) = addr.clone() else { unreachable!() };
+        let (go, gone) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let mut s = accept(&l);
+            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
+            let _: ClientRequest = read_frame(&mut s).unwrap();
+            let _: ClientRequest = read_frame(&mut s).unwrap();
+            // Gone, and not listening either, until the test says so.
+            drop(s);
+            drop(l);
+            let _ = std::fs::remove_file(&path);
+            gone.recv().unwrap();
+            let l = UnixListener::bind(&path).unwrap();
+            let mut s = accept(&l);
+            let ClientRequest::Nodes = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &ServerReply::Nodes(Vec::new())).unwrap();
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let seq = c.reserve_seq().unwrap();
+        c.submit_pipelined(seq, spec()).unwrap();
+        let flag = c.unconfirmed_flag();
+        let waiter = std::thread::spawn(move || {
+            let reply = c.request_reconnecting(RECONNECT_WINDOW, None, |_| ClientRequest::Nodes);
+            (c, reply)
+        });
+        // While it tries to connect again, nothing is left to confirm.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while flag.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let cleared = !flag.load(Ordering::Acquire);
+        go.send(()).unwrap();
+        let (mut c, reply) = waiter.join().unwrap();
+        assert!(cleared, "submissions still unconfirmed while the client reconnects");
+        assert_eq!(reply.unwrap(), ServerReply::Nodes(Vec::new()));
+        assert_eq!(c.take_lost(), vec![seq]);
         server.join().unwrap();
     }
 
