@@ -148,14 +148,31 @@ pub(crate) unsafe fn write_str(buf: *mut c_char, cap: usize, s: &str, what: &str
 pub(crate) unsafe trait CStruct: Copy {
     /// The C name, for messages.
     const NAME: &'static str;
+    /// Sizes of earlier versions of an input struct (a prefix of this one),
+    /// still accepted by [`read_sized`]: the fields they lack read as zero.
+    const EARLIER_SIZES: &'static [usize] = &[];
 }
 
-/// Checks the `struct_size` of the struct at `p` and reads the struct.
+/// Checks the `struct_size` of the struct at `p` and reads the struct; one
+/// of an earlier, shorter version has its missing fields zeroed.
 ///
 /// # Safety
 /// `p` is NULL or points to a struct whose first 4 bytes the caller has
-/// written; when `struct_size` equals `size_of::<T>()`, to a whole `T`.
+/// written, and then to at least `struct_size` bytes it has written.
 pub(crate) unsafe fn read_sized<T: CStruct>(p: *const T, what: &str) -> Result<T, FfiError> {
+    if !p.is_null() && p.is_aligned() {
+        // SAFETY: non-NULL and aligned; the caller wrote the first 4 bytes.
+        let size = unsafe { p.cast::<u32>().read() } as usize;
+        if T::EARLIER_SIZES.contains(&size) {
+            // SAFETY: every field of an input struct is an integer or a raw
+            // pointer (the trait's contract), for which zero is valid.
+            let mut value: T = unsafe { std::mem::zeroed() };
+            // SAFETY: the caller wrote `size` bytes at p, fewer than a T
+            // holds; the two do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), (&raw mut value).cast::<u8>(), size) };
+            return Ok(value);
+        }
+    }
     // SAFETY: the caller's contract is check_sized_at's.
     unsafe { check_sized_at(p, what) }?;
     // SAFETY: `check_sized_at` found the size this struct has; the caller

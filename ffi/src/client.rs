@@ -622,6 +622,8 @@ pub struct picloud_python_call {
 // SAFETY: repr(C), starts with struct_size, integers and pointers only.
 unsafe impl CStruct for picloud_python_call {
     const NAME: &'static str = "picloud_python_call";
+    // Before `array`.
+    const EARLIER_SIZES: &'static [usize] = &[std::mem::offset_of!(picloud_python_call, array)];
 }
 
 /// The job a `picloud_python_call` and its options describe, checked.

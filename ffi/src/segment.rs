@@ -92,11 +92,10 @@ impl AgentConn {
                 FfiError::new(PICLOUD_ERR_PROTOCOL, format_args!("unreadable reply from the agent: {e}"))
             }
         };
-        // A late or half-read reply would answer the next request. Closing
-        // our side makes the agent release what this connection held, as
-        // when the connection itself broke.
+        // A late or half-read reply would answer the next request. The
+        // connection stays open while segment objects use it: closing it
+        // would make the agent release segments still mapped here.
         self.broken = Some(err.message.clone());
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
         Err(err)
     }
 

@@ -397,6 +397,38 @@ fn submit_python(client: Client, function: &[u8], args: &[Vec<u8>], segments: &[
 }
 
 #[test]
+fn a_python_call_of_the_size_before_array_is_still_accepted() {
+    let c = Cluster::start();
+    let client = connect(&c);
+    let function = b"not unpickled at submission".to_vec();
+    let arg = b"args".to_vec();
+    let args = [picloud_bytes { data: arg.as_ptr(), len: arg.len() }];
+    let mut call = picloud_python_call {
+        struct_size: std::mem::offset_of!(picloud_python_call, array) as u32,
+        kill_process: 0,
+        interpreter: null(),
+        sys_path: null(),
+        sys_path_len: 0,
+        function: picloud_bytes { data: function.as_ptr(), len: function.len() },
+        args: args.as_ptr(),
+        args_len: 1,
+        segments: null(),
+        segments_len: 0,
+        // What a caller of the earlier header never wrote: must not be read.
+        array: 0xdead_beef,
+    };
+    let mut seq = 0;
+    // SAFETY: every pointer in call is valid for its length; seq is writable.
+    ok(unsafe { picloud_client_submit_python(client.0, &call, null(), &mut seq) });
+    assert!(seq > 0);
+    call.struct_size += 4; // neither this version's size nor an earlier one
+    // SAFETY: as above.
+    let code = unsafe { picloud_client_submit_python(client.0, &call, null(), &mut seq) };
+    let msg = fails(code, picloud_error_code::PICLOUD_ERR_INVALID_ARGUMENT);
+    assert!(msg.contains("struct_size"), "{msg}");
+}
+
+#[test]
 fn a_python_call_over_the_frame_limit_is_refused_before_it_is_sent() {
     let c = Cluster::start();
     let client = connect(&c);
