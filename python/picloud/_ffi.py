@@ -122,18 +122,20 @@ def last_error():
     return ffi.string(message).decode(errors="replace") if message != ffi.NULL else ""
 
 
-#: Called (with no arguments) when a call reports a lost connection, before
-#: the error is raised: the session drops the connection, so that the next
-#: call connects again.
+#: Called (with no arguments) when a call on a server connection reports it
+#: lost, before the error is raised: the session drops the connection, so
+#: that the next call connects again.
 on_connection_lost = []
 
 
-def check(rc):
-    """Raises the exception for a libpicloud return code (0 is success)."""
+def check(rc, lost=None):
+    """Raises the exception for a libpicloud return code (0 is success).
+    ``lost``: what to call instead of ``on_connection_lost`` when the
+    connection the call used is lost (an agent's, say)."""
     if rc != 0:
         error = _CLASSES.get(rc, PicloudError)(rc, last_error() or ffi.string(lib.picloud_error_name(rc)).decode())
         if rc == lib.PICLOUD_ERR_CONNECTION_LOST:
-            for hook in on_connection_lost:
+            for hook in on_connection_lost if lost is None else (lost,):
                 hook()
         raise error
     return rc

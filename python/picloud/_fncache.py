@@ -8,10 +8,12 @@ more than the rest of the submission, so the pickle is kept and reused as
 long as every one of those is the *same object* as when it was pickled, and
 each is an object whose pickle cannot change while it stays the same object:
 ``None``, numbers, strings, bytes, tuples of such, and modules, builtins,
-functions and classes that are pickled by reference. A function that captures
-anything else (a list, a dict, an array, a by-value helper) is pickled
-afresh every time, so a change to what it captures is always seen by the
-next call.
+functions and classes that are pickled by reference. Its name, qualified
+name, module, doc and annotations must be the same objects too, and so must
+the set of loaded submodules its code can reach from a module it captures
+(cloudpickle pickles those). A function that captures anything else (a
+list, a dict, an array, a by-value helper) is pickled afresh every time, so
+a change to what it captures is always seen by the next call.
 """
 
 import sys
@@ -21,6 +23,9 @@ import cloudpickle
 
 #: Functions whose pickles are kept (the oldest is dropped beyond this).
 CAPACITY = 256
+#: Pickles larger than this (a function capturing a large string, say) are
+#: not kept.
+MAX_BLOB = 1 << 20
 
 _MISSING = object()
 _SCALARS = frozenset((type(None), bool, int, float, complex, str, bytes))
@@ -34,7 +39,8 @@ NAMES_CAPACITY = 4096
 
 
 class _Entry:
-    __slots__ = ("func", "code", "defaults", "closure", "globals", "registry", "blob")
+    __slots__ = ("func", "code", "defaults", "described", "closure", "globals", "modules", "submodules",
+                 "registry", "blob")
 
 
 def _code_names(code):
@@ -109,9 +115,12 @@ def dumps(func):
     entry = _entries.get(id(func))
     if entry is not None and entry.func is func and _valid(entry, func):
         return entry.blob
+    # What it captures is taken before pickling and checked again after:
+    # another thread may rebind a global meanwhile.
+    entry = _entry(func)
     blob = cloudpickle.dumps(func, protocol=5)
-    entry = _entry(func, blob)
-    if entry is not None:
+    if entry is not None and len(blob) <= MAX_BLOB and _valid(entry, func):
+        entry.blob = blob
         if len(_entries) >= CAPACITY:
             try:
                 _entries.pop(next(iter(_entries)), None)
@@ -121,29 +130,56 @@ def dumps(func):
     return blob
 
 
+def _described(func):
+    """What the pickle takes from the function object besides its captures."""
+    return (func.__name__, func.__qualname__, func.__module__, func.__doc__, func.__annotations__)
+
+
+def _submodules(values, names):
+    """The loaded submodules of the modules among ``values`` that ``names``
+    reach (``xml.dom.minidom`` from ``xml`` with ``dom`` and ``minidom``):
+    cloudpickle pickles those with the function, so loading one more is a
+    change."""
+    stack = [v.__name__ for v in values if type(v) is types.ModuleType]
+    found = []
+    while stack:
+        prefix = stack.pop()
+        for name in names:
+            child = f"{prefix}.{name}"
+            if child in sys.modules and child not in found:
+                found.append(child)
+                stack.append(child)
+    return tuple(found)
+
+
 def _valid(entry, func):
     if func.__code__ is not entry.code or func.__defaults__ is not entry.defaults or func.__kwdefaults__:
         return False
-    if func.__dict__:
+    if func.__dict__ or not _same(_described(func), entry.described):
         return False
     cells = _cells(func)
     if cells is None or not _same(cells, entry.closure):
         return False
     g = func.__globals__
-    if not _same(tuple(g.get(name, _MISSING) for name in _code_names(entry.code)), entry.globals):
+    names = _code_names(entry.code)
+    if not _same(tuple(g.get(name, _MISSING) for name in names), entry.globals):
+        return False
+    if entry.modules and _submodules(entry.modules, names) != entry.submodules:
         return False
     return entry.registry == cloudpickle.list_registry_pickle_by_value()
 
 
-def _entry(func, blob):
-    """What to check before reusing ``blob``, or None if it may not be."""
+def _entry(func):
+    """What to check before reusing the function's pickle, or None if it
+    may not be reused."""
     if func.__kwdefaults__ or func.__dict__:
         return None
     cells = _cells(func)
     if cells is None:
         return None
     g = func.__globals__
-    values = tuple(g.get(name, _MISSING) for name in _code_names(func.__code__))
+    names = _code_names(func.__code__)
+    values = tuple(g.get(name, _MISSING) for name in names)
     registry = cloudpickle.list_registry_pickle_by_value()
     captured = [v for v in values if v is not _MISSING] + list(cells) + list(func.__defaults__ or ())
     if not all(_stable(v, registry) for v in captured):
@@ -152,10 +188,12 @@ def _entry(func, blob):
     entry.func = func
     entry.code = func.__code__
     entry.defaults = func.__defaults__
+    entry.described = _described(func)
     entry.closure = cells
     entry.globals = values
+    entry.modules = tuple(v for v in captured if type(v) is types.ModuleType)
+    entry.submodules = _submodules(entry.modules, names) if entry.modules else ()
     # Which modules go by value decides how captured modules, functions and
     # classes are pickled, and the function itself.
     entry.registry = registry
-    entry.blob = blob
     return entry

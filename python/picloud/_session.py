@@ -152,12 +152,23 @@ class Session:
             self._pipelining = {i: h for i, h in self._pipelining.items() if i != threading.get_ident()}
 
     def connection_lost(self):
-        """A call reported a lost connection (to the server or the agent):
-        the next call of this thread connects again, and the next segment
-        call reaches the agent anew. Jobs this thread submitted without an
+        """A call reported this thread's server connection lost: the
+        thread's next call connects again. Jobs it submitted without an
         answer yet are then named as not known to the server if it never
         got them."""
         self.reset_client()
+
+    def _agent_call(self, rc):
+        """Checks a segment call's code; an agent that did not answer in time
+        left its connection out of step, as a lost one."""
+        if rc == lib.PICLOUD_ERR_TIMEOUT:
+            self.agent_lost()
+        check(rc, lost=self.agent_lost)
+
+    def agent_lost(self):
+        """A segment call reported the agent connection lost (or out of step
+        after a timeout): the next one connects anew. Segments mapped
+        through the old connection keep it, and their hold, while they live."""
         with self._lock:
             self._agent = None
 
@@ -176,7 +187,7 @@ class Session:
     def create_segment(self, size):
         """A new writable segment of ``size`` bytes, released when its mapping dies."""
         out = ffi.new("picloud_segment **")
-        check(lib.picloud_segment_create(self.agent(), size, out))
+        self._agent_call(lib.picloud_segment_create(self.agent(), size, out))
         return self._adopt(out[0], writable=True)
 
     def map_segment(self, name):
@@ -184,7 +195,7 @@ class Session:
         seg = self.result_segments.get(name)
         if seg is None:
             out = ffi.new("picloud_segment **")
-            check(lib.picloud_segment_map(self.agent(), cstr(name), out))
+            self._agent_call(lib.picloud_segment_map(self.agent(), cstr(name), out))
             seg = self._adopt(out[0], writable=False)
             self.result_segments[name] = seg
         return seg

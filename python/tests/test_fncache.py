@@ -150,3 +150,45 @@ def test_the_caches_are_bounded_for_code_made_again_and_again():
         _fncache.dumps(define(f"def f():\n    return {i}\n")["f"])
     assert len(_fncache._names) <= _fncache.NAMES_CAPACITY
     assert len(_fncache._entries) <= _fncache.CAPACITY
+
+
+def test_a_submodule_loaded_after_the_first_pickle_is_a_change():
+    import sys
+    import xml
+
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("xml.dom")}
+    for k in saved:
+        del sys.modules[k]
+    try:
+        ns = define("def f():\n    return xml.dom.minidom.parseString('<a/>').documentElement.tagName\n", xml=xml)
+        before = _fncache.dumps(ns["f"])
+        assert _fncache.dumps(ns["f"]) is before
+        import xml.dom.minidom  # noqa: F401
+        after = _fncache.dumps(ns["f"])
+        assert after is not before and b"xml.dom.minidom" in after
+    finally:
+        sys.modules.update(saved)
+
+
+def test_a_global_rebound_while_pickling_is_not_kept(monkeypatch):
+    ns = define("def f():\n    return LIMIT\n", LIMIT=1)
+    real = cloudpickle.dumps
+
+    def racing(obj, protocol=None):
+        blob = real(obj, protocol=protocol)
+        ns["LIMIT"] = 2               # another thread, between the pickle and its checks
+        return blob
+
+    monkeypatch.setattr(_fncache.cloudpickle, "dumps", racing)
+    assert run(_fncache.dumps(ns["f"])) == 1
+    monkeypatch.setattr(_fncache.cloudpickle, "dumps", real)
+    assert run(_fncache.dumps(ns["f"])) == 2
+
+
+def test_a_renamed_function_or_a_large_pickle_is_not_reused():
+    ns = define("def f():\n    return 1\n")
+    first = _fncache.dumps(ns["f"])
+    ns["f"].__qualname__ = "g"
+    assert _fncache.dumps(ns["f"]) is not first
+    big = define("def f():\n    return len(TEXT)\n", TEXT="x" * (_fncache.MAX_BLOB + 1))
+    assert _fncache.dumps(big["f"]) is not _fncache.dumps(big["f"])
