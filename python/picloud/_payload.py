@@ -152,6 +152,14 @@ def unregister_segment(token):
             _reg_lock.release()
 
 
+def after_fork_in_child():
+    """A forked child starts with fresh locks: another thread of the parent
+    may have held one at the fork, and it does not exist here."""
+    global _reg_lock, _ctypes_lock
+    _reg_lock = threading.Lock()
+    _ctypes_lock = threading.Lock()
+
+
 def _drop_released():
     """Removes the registrations given to unregister_segment (holding _reg_lock)."""
     while _released:

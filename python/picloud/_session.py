@@ -54,9 +54,9 @@ class Session:
             self.address = str(address)
             if os.path.isdir(self.address):
                 self.state_dir = self.address
-            elif os.path.exists(os.path.join(os.path.dirname(self.address), "agent.sock")):
+            elif os.path.exists(os.path.join(os.path.dirname(os.path.abspath(self.address)), "agent.sock")):
                 # The server's socket in a state directory: its agent is there too.
-                self.state_dir = os.path.dirname(self.address)
+                self.state_dir = os.path.dirname(os.path.abspath(self.address))
         else:
             self.address = self._find_or_start()
         # Clients that made pipelined submissions (call()), by thread: any
@@ -247,6 +247,7 @@ _inherited = []
 
 
 def _after_fork_in_child():
+    _payload.after_fork_in_child()
     if _session is not None:
         _session.forget_connections()
 

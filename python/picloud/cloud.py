@@ -432,9 +432,15 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
             size += len(blob)
         flush()
     except BaseException:
-        # All or nothing: the batches already submitted are cancelled.
+        # All or nothing: the batches already submitted are cancelled, and
+        # forgotten here (a failure to cancel does not hide the first error).
         for seq in dict.fromkeys(j.seq for j in jids):
-            lib.picloud_client_cancel(s.client(), seq, -1)
+            try:
+                lib.picloud_client_cancel(s.client(), seq, -1)
+            except Exception:
+                pass
+            s.submitted.pop(seq, None)
+            s.job_segments.pop(seq, None)
         raise
     return jids
 
@@ -741,6 +747,21 @@ def _tasks_to_wait_for(jids):
     return seqs, tasks
 
 
+def _keep_if_ended(s, seqs):
+    """Jobs whose named tasks were waited for one by one: those that have
+    ended altogether are fetched and cached whole, which lets go of their
+    argument segments."""
+    for seq in seqs:
+        with s.cache_lock:
+            if seq in s.ended:
+                continue
+        try:
+            _wait(s, [seq], 0)
+        except CloudTimeoutError:
+            continue        # still running: kept when it is waited for whole
+        _tasks(s, seq)
+
+
 def _wait_with_progress(s, jids, timeout, results=True):
     """Waits until the jobs of ``jids`` have ended (the tasks named, for a
     map of which few are named); with ``results``, caches their outcomes
@@ -750,6 +771,7 @@ def _wait_with_progress(s, jids, timeout, results=True):
         deadline = None if timeout is None else time.monotonic() + timeout
         for j in tasks:
             _ended_task(s, j, deadline)
+        _keep_if_ended(s, {j.seq for j in tasks})
         if timeout is not None:
             timeout = max(0.0, deadline - time.monotonic())
     if not seqs:

@@ -401,14 +401,30 @@ def test_result_of_one_element_waits_for_it_not_for_its_map(cluster):
         cloud.kill(jids)
 
 
+def test_a_small_map_lets_go_of_its_arguments_once_its_results_are_in(cluster):
+    np = pytest.importorskip("numpy")
+    s = _session.session()
+    jids = cloud.map(lambda a: float(a.sum()), [np.ones(1 << 15) for _ in range(4)])   # 256 KiB each
+    assert jids[0].seq in s.job_segments
+    assert cloud.result(jids) == [float(1 << 15)] * 4
+    assert jids[0].seq not in s.job_segments and jids[0].seq not in s.submitted
+
+
 def test_a_map_that_fails_midway_cancels_the_batches_it_submitted(cluster, monkeypatch):
     monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 2)
-    before = set(_session.session().submitted)
+    submitted = []
+    submit = cloud.cloud._submit
+
+    def recording(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(cloud.cloud, "_submit", recording)
     elements = [1, 2, 3, 4, threading.Lock()]
     with pytest.raises(TypeError, match="element 4"):
         cloud.map(lambda x: time.sleep(30), elements, _chunksize=1)
-    submitted = [seq for seq in _session.session().submitted if seq not in before]
     assert len(submitted) == 1           # elements 0 and 1; 2 and 3 were not sent yet
+    assert submitted[0] not in _session.session().submitted       # forgotten here too
     cancelled = [cloud.Jid(seq, index) for seq in submitted for index in (0, 1)]
     cloud.join(cancelled, timeout=30, ignore_errors=True)    # a kill takes effect soon, not at once
     assert cloud.status(cancelled) == ["killed", "killed"]
