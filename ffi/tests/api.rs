@@ -396,6 +396,24 @@ fn submit_python(client: Client, function: &[u8], args: &[Vec<u8>], segments: &[
     seq
 }
 
+/// A call of `function` on one argument set, with no interpreter, import
+/// path or segments; the buffers must outlive its use.
+fn bare_call(function: &[u8], args: &[picloud_bytes]) -> picloud_python_call {
+    picloud_python_call {
+        struct_size: std::mem::size_of::<picloud_python_call>() as u32,
+        kill_process: 0,
+        interpreter: null(),
+        sys_path: null(),
+        sys_path_len: 0,
+        function: picloud_bytes { data: function.as_ptr(), len: function.len() },
+        args: args.as_ptr(),
+        args_len: args.len(),
+        segments: null(),
+        segments_len: 0,
+        array: 0,
+    }
+}
+
 #[test]
 fn a_python_call_of_the_size_before_array_is_still_accepted() {
     let c = Cluster::start();
@@ -405,17 +423,9 @@ fn a_python_call_of_the_size_before_array_is_still_accepted() {
     let args = [picloud_bytes { data: arg.as_ptr(), len: arg.len() }];
     let mut call = picloud_python_call {
         struct_size: std::mem::offset_of!(picloud_python_call, array) as u32,
-        kill_process: 0,
-        interpreter: null(),
-        sys_path: null(),
-        sys_path_len: 0,
-        function: picloud_bytes { data: function.as_ptr(), len: function.len() },
-        args: args.as_ptr(),
-        args_len: 1,
-        segments: null(),
-        segments_len: 0,
         // What a caller of the earlier header never wrote: must not be read.
         array: 0xdead_beef,
+        ..bare_call(&function, &args)
     };
     let mut seq = 0;
     // SAFETY: every pointer in call is valid for its length; seq is writable.
@@ -435,19 +445,7 @@ fn a_python_call_over_the_frame_limit_is_refused_before_it_is_sent() {
     let function = vec![0u8; 40 << 20];
     let arg = vec![0u8; 30 << 20];
     let args = [picloud_bytes { data: arg.as_ptr(), len: arg.len() }];
-    let call = picloud_python_call {
-        struct_size: std::mem::size_of::<picloud_python_call>() as u32,
-        kill_process: 0,
-        interpreter: null(),
-        sys_path: null(),
-        sys_path_len: 0,
-        function: picloud_bytes { data: function.as_ptr(), len: function.len() },
-        args: args.as_ptr(),
-        args_len: 1,
-        segments: null(),
-        segments_len: 0,
-        array: 0,
-    };
+    let call = bare_call(&function, &args);
     let mut seq = 0;
     // SAFETY: every pointer in call is valid for its length; seq is writable.
     let code = unsafe { picloud_client_submit_python(client.0, &call, null(), &mut seq) };
