@@ -67,6 +67,9 @@ class Session:
         # Submitted here and not known to have ended: sequence numbers, for
         # kill() without ids.
         self.submitted = {}     # as an ordered set: ended jobs leave it
+        # Tasks of each map job submitted here, until it ends: a wait for all
+        # of them is a wait for the job.
+        self.task_counts = {}
         # Segments a job's arguments use, by sequence number, until it ends.
         self.job_segments = {}
         # Result segments mapped here, by name (held until delete()).

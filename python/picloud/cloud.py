@@ -415,6 +415,7 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
             return
         seq = _submit(s, function, blobs, names, options, name, array=True)
         _remember(s, seq, names, list(segments))
+        s.task_counts[seq] = len(blobs)
         count = sum(len(u) for u in units[first:first + len(blobs)]) if chunk > 1 else len(blobs)
         jids.extend(Jid(seq, i, chunk) for i in range(count))
         first += len(blobs)
@@ -440,6 +441,7 @@ def map(func, *iterables, **kwargs):  # noqa: A001 - PiCloud's name
             except Exception:
                 pass
             s.submitted.pop(seq, None)
+            s.task_counts.pop(seq, None)
             s.job_segments.pop(seq, None)
         raise
     return jids
@@ -603,6 +605,7 @@ def _keep(s, seq, tasks):
     # Ended: its argument segments may go, and kill() need not name it.
     s.job_segments.pop(seq, None)
     s.submitted.pop(seq, None)
+    s.task_counts.pop(seq, None)
 
 
 def _wait_results(s, seqs, timeout):
@@ -730,17 +733,20 @@ def _progress(elements, tasks):
     return tqdm(total=tasks, unit="task")
 
 
-def _tasks_to_wait_for(jids):
+def _tasks_to_wait_for(s, jids):
     """``(seqs, tasks)``: the jobs to wait for as a whole, and one jid for
-    each task of a map to wait for alone (when ``jids`` name at most
-    ``TASK_WAITS`` of its tasks, so that the elements named need not wait
-    for the rest of their map)."""
+    each task of a map to wait for alone (when ``jids`` name some but not
+    all of its tasks, at most ``TASK_WAITS``, so that the elements named
+    need not wait for the rest of their map)."""
     named = {}
     for j in jids:
         named.setdefault(j.seq, {})[j.task_index] = j
+    with s.cache_lock:
+        for seq in [seq for seq in named if seq in s.ended]:
+            del named[seq]          # ended, and its outcomes are here
     seqs, tasks = [], []
     for seq, by_task in named.items():
-        if None in by_task or len(by_task) > TASK_WAITS:
+        if None in by_task or len(by_task) > TASK_WAITS or len(by_task) == s.task_counts.get(seq):
             seqs.append(seq)
         else:
             tasks.extend(by_task.values())
@@ -766,7 +772,7 @@ def _wait_with_progress(s, jids, timeout, results=True):
     """Waits until the jobs of ``jids`` have ended (the tasks named, for a
     map of which few are named); with ``results``, caches their outcomes
     too."""
-    seqs, tasks = _tasks_to_wait_for(jids)
+    seqs, tasks = _tasks_to_wait_for(s, jids)
     if tasks:
         deadline = None if timeout is None else time.monotonic() + timeout
         for j in tasks:

@@ -19,6 +19,7 @@ from picloud_cluster import PYTHON_DIR, Cluster
 
 import picloud as cloud
 from picloud import _ffi, _session
+import picloud.cloud as api
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_each_call_sees_what_its_function_captures_at_that_call(cluster):
 
 
 def test_a_long_map_is_submitted_in_batches(cluster, monkeypatch):
-    monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 400)
+    monkeypatch.setattr(api, "BATCH_ELEMENTS", 400)
     jids = cloud.map(lambda x: -x, range(1000), _chunksize=1)
     assert len({j.seq for j in jids}) == 3
     assert cloud.result(jids) == [-i for i in range(1000)]
@@ -401,6 +402,18 @@ def test_result_of_one_element_waits_for_it_not_for_its_map(cluster):
         cloud.kill(jids)
 
 
+def test_all_of_a_small_map_is_waited_for_in_one_request(cluster, monkeypatch):
+    alone = []
+    ended_task = api._ended_task
+    monkeypatch.setattr(api, "_ended_task", lambda s, j, d: alone.append(j) or ended_task(s, j, d))
+    jids = cloud.map(lambda x: x + 1, range(10))
+    assert cloud.result(jids[:3]) == [1, 2, 3]
+    assert len(alone) == 3                     # some of its tasks: each alone
+    more = cloud.map(lambda x: x + 2, range(10))
+    assert cloud.result(more) == list(range(2, 12))
+    assert len(alone) == 3                     # all of them: the job, in one request
+
+
 def test_a_small_map_lets_go_of_its_arguments_once_its_results_are_in(cluster):
     np = pytest.importorskip("numpy")
     s = _session.session()
@@ -411,15 +424,15 @@ def test_a_small_map_lets_go_of_its_arguments_once_its_results_are_in(cluster):
 
 
 def test_a_map_that_fails_midway_cancels_the_batches_it_submitted(cluster, monkeypatch):
-    monkeypatch.setattr(cloud.cloud, "BATCH_ELEMENTS", 2)
+    monkeypatch.setattr(api, "BATCH_ELEMENTS", 2)
     submitted = []
-    submit = cloud.cloud._submit
+    submit = api._submit
 
     def recording(*args, **kwargs):
         submitted.append(submit(*args, **kwargs))
         return submitted[-1]
 
-    monkeypatch.setattr(cloud.cloud, "_submit", recording)
+    monkeypatch.setattr(api, "_submit", recording)
     elements = [1, 2, 3, 4, threading.Lock()]
     with pytest.raises(TypeError, match="element 4"):
         cloud.map(lambda x: time.sleep(30), elements, _chunksize=1)
