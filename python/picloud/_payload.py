@@ -135,6 +135,11 @@ def register_segment(name, buffer):
     with _reg_lock:
         _drop_released()
         i = bisect.bisect_left(_reg_starts, start)
+        # An entry at the same address is of a mapping already unmapped
+        # whose finalizer has not run yet: live mappings never share one.
+        while i < len(_reg_starts) and _reg_starts[i] == start:
+            del _reg_starts[i]
+            del _reg_entries[i]
         _reg_starts.insert(i, start)
         _reg_entries.insert(i, entry)
     return entry

@@ -327,3 +327,15 @@ def test_the_segment_registry_holds_up_under_threads():
         sys.setswitchinterval(interval)
     assert errors == []
     assert not any(entry[2].startswith("seg-") for entry in P._reg_entries)
+
+
+def test_a_new_mapping_at_a_stale_entrys_address_replaces_it():
+    buf = bytearray(4096)
+    stale = P.register_segment("gone-before-its-finalizer", buf)   # never unregistered
+    fresh = P.register_segment("mapped-there-now", buf)
+    start = P.buffer_address(buf)[0]
+    assert P.find_segment(start + 8, 8) == ("mapped-there-now", 8)
+    P.unregister_segment(stale)                 # the late finalizer: no harm
+    assert P.find_segment(start + 8, 8) == ("mapped-there-now", 8)
+    P.unregister_segment(fresh)
+    assert P.find_segment(start + 8, 8) is None
