@@ -498,7 +498,18 @@ fn job_spec(command: JobCommand, default_name: &str, o: Options) -> Result<JobSp
 
 /// Sends a submission; returns its sequence number and id.
 fn submit(client: &mut Client, spec: JobSpec) -> Result<(u64, String), FfiError> {
-    match client.request(&ClientRequest::Submit(Box::new(spec)))? {
+    let request = ClientRequest::Submit(Box::new(spec));
+    // Refused here, before a byte is sent: the server would refuse the
+    // frame and close the connection.
+    let size = bincode::serialized_size(&request).unwrap_or(u64::MAX);
+    if size > picloud_proto::MAX_FRAME_LEN as u64 {
+        return Err(FfiError::invalid(format_args!(
+            "the submission takes {size} bytes on the wire, over the limit of {} bytes of a frame; \
+             nothing was submitted",
+            picloud_proto::MAX_FRAME_LEN
+        )));
+    }
+    match client.request(&request)? {
         ServerReply::Submitted { seq, id } => Ok((seq, id)),
         other => Err(unexpected("a submission", &other)),
     }

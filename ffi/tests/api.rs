@@ -458,6 +458,24 @@ fn a_python_call_over_the_frame_limit_is_refused_before_it_is_sent() {
 }
 
 #[test]
+fn a_command_over_the_frame_limit_is_refused_before_it_is_sent() {
+    let c = Cluster::start();
+    let client = connect(&c);
+    let huge = cstr(&"x".repeat(65 << 20));
+    let argv = [c"echo".as_ptr(), huge.as_ptr()];
+    let mut seq = 0;
+    // SAFETY: argv holds two valid strings; seq is writable; no id buffer.
+    let code =
+        unsafe { picloud_client_submit_command(client.0, argv.as_ptr(), 2, null(), &mut seq, null_mut(), 0) };
+    let msg = fails(code, picloud_error_code::PICLOUD_ERR_INVALID_ARGUMENT);
+    assert!(msg.contains("over the limit") && msg.contains("nothing was submitted"), "{msg}");
+    // Nothing was sent: the connection is as good as before.
+    let seq = submit(&c, client, &["true"], None);
+    ok(wait(client, &[seq], 30_000, PICLOUD_WAIT_ALL).0);
+    ok(picloud_client_free(client.0));
+}
+
+#[test]
 fn a_python_map_returns_values_and_errors_through_the_c_abi() {
     if !have_python() {
         return;
