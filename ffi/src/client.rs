@@ -497,18 +497,23 @@ fn job_spec(command: JobCommand, default_name: &str, o: Options) -> Result<JobSp
 }
 
 /// Sends a submission; returns its sequence number and id.
-fn submit(client: &mut Client, spec: JobSpec) -> Result<(u64, String), FfiError> {
-    let request = ClientRequest::Submit(Box::new(spec));
-    // Refused here, before a byte is sent: the server would refuse the
-    // frame and close the connection.
-    let size = bincode::serialized_size(&request).unwrap_or(u64::MAX);
+/// Refuses a submission of `size` bytes on the wire over the frame limit,
+/// before a byte is sent: the server would refuse the frame and close the
+/// connection. `hint` says what to do instead.
+fn check_frame_size(size: u64, hint: &str) -> Result<(), FfiError> {
     if size > picloud_proto::MAX_FRAME_LEN as u64 {
         return Err(FfiError::invalid(format_args!(
             "the submission takes {size} bytes on the wire, over the limit of {} bytes of a frame; \
-             nothing was submitted",
+             nothing was submitted{hint}",
             picloud_proto::MAX_FRAME_LEN
         )));
     }
+    Ok(())
+}
+
+fn submit(client: &mut Client, spec: JobSpec) -> Result<(u64, String), FfiError> {
+    let request = ClientRequest::Submit(Box::new(spec));
+    check_frame_size(bincode::serialized_size(&request).unwrap_or(u64::MAX), "")?;
     match client.request(&request)? {
         ServerReply::Submitted { seq, id } => Ok((seq, id)),
         other => Err(unexpected("a submission", &other)),
@@ -695,13 +700,7 @@ unsafe fn python_spec(
     // Measured as a pipelined submission, the larger of the two.
     let request = ClientRequest::SubmitReserved { seq: 0, spec: Box::new(spec) };
     let frame = bincode::serialized_size(&request).unwrap_or(u64::MAX).saturating_add(payload);
-    if frame > picloud_proto::MAX_FRAME_LEN as u64 {
-        return Err(FfiError::invalid(format_args!(
-            "the call takes {frame} bytes on the wire, over the limit of {} bytes of a submission: \
-             pass large arguments in shared-memory segments",
-            picloud_proto::MAX_FRAME_LEN
-        )));
-    }
+    check_frame_size(frame, ": pass large arguments in shared-memory segments")?;
     let mut args = Vec::with_capacity(tasks);
     for (i, b) in arg_bufs.iter().enumerate() {
         // SAFETY: as above, for each argument set.

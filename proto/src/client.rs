@@ -445,16 +445,21 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// Serves one client a reservation, reads its pipelined submission and
+    /// the request after it, and hangs up without a reply: a crash.
+    fn take_a_submission_and_crash(l: &UnixListener) {
+        let mut s = accept(l);
+        let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
+        write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
+        let _: ClientRequest = read_frame(&mut s).unwrap();
+        let _: ClientRequest = read_frame(&mut s).unwrap();
+    }
+
     #[test]
     fn submissions_a_broken_connection_left_unanswered_are_reported_lost() {
         let (l, addr) = listener("lost");
         let server = std::thread::spawn(move || {
-            let mut s = accept(&l);
-            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
-            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
-            let _: ClientRequest = read_frame(&mut s).unwrap();
-            let _: ClientRequest = read_frame(&mut s).unwrap();
-            drop(s); // gone without a reply: a crash
+            take_a_submission_and_crash(&l);
             let mut s = accept(&l);
             let ClientRequest::Nodes = read_frame(&mut s).unwrap() else { panic!("not sent again") };
             write_frame(&mut s, &ServerReply::Nodes(Vec::new())).unwrap();
@@ -476,13 +481,8 @@ mod tests {
         let ServerAddr::Unix(path) = addr.clone() else { unreachable!() };
         let (go, gone) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let mut s = accept(&l);
-            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
-            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
-            let _: ClientRequest = read_frame(&mut s).unwrap();
-            let _: ClientRequest = read_frame(&mut s).unwrap();
-            // Gone, and not listening either, until the test says so.
-            drop(s);
+            take_a_submission_and_crash(&l);
+            // Not listening either, until the test says so.
             drop(l);
             let _ = std::fs::remove_file(&path);
             gone.recv().unwrap();
