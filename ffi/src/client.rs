@@ -170,7 +170,10 @@ impl picloud_client {
     /// another thread: such a call reads the replies owed before it waits
     /// for its own, so it is enough to wait until they are read or the
     /// connection is free.
+    /// The holder may be connecting again after a restart of the server,
+    /// which takes up to seconds: the pauses between looks grow to 1 ms.
     pub(crate) fn confirm_pipelined(&self) -> Result<(), FfiError> {
+        let mut pause = Duration::from_micros(20);
         loop {
             if !self.unconfirmed.load(Ordering::Acquire) {
                 return Ok(());
@@ -178,7 +181,10 @@ impl picloud_client {
             match self.conn.try_lock() {
                 Ok(mut conn) => return self.run_on(&mut conn, |client| Ok(client.flush_pipelined()?)),
                 Err(TryLockError::Poisoned(_)) => return Err(poisoned()),
-                Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_micros(20)),
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(1));
+                }
             }
         }
     }

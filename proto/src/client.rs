@@ -4,10 +4,12 @@ use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::frame::{FrameError, read_frame, write_frame};
 use crate::msg::{ClientRequest, Hello, JobSpec, MAX_RESERVED, ProtoError, Role, ServerReply};
@@ -97,23 +99,33 @@ pub struct Client {
     server_name: String,
     /// Where it connected, to connect again.
     addr: ServerAddr,
+    /// The socket (owned by `reader`), to look whether the server hung up.
+    fd: RawFd,
     /// Sequence numbers the server set aside for this connection, not used yet.
     reserved: Range<u64>,
     /// How many numbers the next reservation asks for.
     next_block: u32,
-    /// Pipelined submissions whose replies are not read yet, in order.
-    outstanding: VecDeque<u64>,
+    /// Pipelined submissions whose replies are not read yet, in order,
+    /// with their frames to send again on a new connection.
+    outstanding: VecDeque<Pipelined>,
     /// Their size on the wire.
     outstanding_bytes: usize,
     /// Replies to pipelined submissions, read but not taken.
     answered: Vec<(u64, Result<(), ProtoError>)>,
     /// Pipelined submissions whose connection broke before their replies
-    /// came (the client connected again since), not taken yet.
+    /// came and that could not be sent again (the client gave up
+    /// reconnecting), not taken yet.
     lost: Vec<u64>,
     /// Set while pipelined submissions wait for their replies; shared, so
     /// that other threads can see it without this client (see
     /// [`Client::unconfirmed_flag`]).
     unconfirmed: Arc<AtomicBool>,
+}
+
+/// A pipelined submission waiting for its reply.
+struct Pipelined {
+    seq: u64,
+    frame: Vec<u8>,
 }
 
 /// Pipelined submissions a client writes before it reads their replies, so
@@ -133,14 +145,14 @@ const LARGEST_BLOCK: u32 = 4096;
 
 /// How long [`Client::request_reconnecting`] tries to reach a server that
 /// went away (a restart) before it gives up.
-pub const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+pub const RECONNECT_WINDOW: Duration = Duration::from_secs(30);
 
 /// First pause between two attempts to reconnect; it doubles up to
 /// [`RECONNECT_MAX_PAUSE`].
-pub const RECONNECT_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+pub const RECONNECT_FIRST_PAUSE: Duration = Duration::from_millis(50);
 
 /// Longest pause between two attempts to reconnect.
-pub const RECONNECT_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+pub const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 impl ClientError {
     /// Whether the server went away without a word (it crashed, or is
@@ -174,15 +186,19 @@ impl Client {
             }
             _ => ClientError::Connect { addr: addr.clone(), source },
         };
-        let (r, w): (Box<dyn std::io::Read + Send>, Box<dyn Stream>) = match addr {
+        let (r, w, fd): (Box<dyn std::io::Read + Send>, Box<dyn Stream>, RawFd) = match addr {
             ServerAddr::Unix(p) => {
                 let s = UnixStream::connect(p).map_err(connect_err)?;
-                (Box::new(s.try_clone().map_err(connect_err)?), Box::new(s))
+                let r = s.try_clone().map_err(connect_err)?;
+                let fd = r.as_raw_fd();
+                (Box::new(r), Box::new(s), fd)
             }
             ServerAddr::Tcp(a) => {
                 let s = TcpStream::connect(a).map_err(connect_err)?;
                 s.set_nodelay(true).ok();
-                (Box::new(s.try_clone().map_err(connect_err)?), Box::new(s))
+                let r = s.try_clone().map_err(connect_err)?;
+                let fd = r.as_raw_fd();
+                (Box::new(r), Box::new(s), fd)
             }
         };
         let mut client = Client {
@@ -190,6 +206,7 @@ impl Client {
             writer: BufWriter::new(w),
             server_name: String::new(),
             addr: addr.clone(),
+            fd,
             reserved: 0..0,
             next_block: FIRST_BLOCK,
             outstanding: VecDeque::new(),
@@ -220,56 +237,102 @@ impl Client {
 
     /// Sends a request that changes nothing (a query, a wait) and returns
     /// its reply; if the server went away ([`ClientError::server_went_away`]),
-    /// connects again, pausing 50 ms, then twice as long each time up to
-    /// 2 s, for at most `window` after the failure, and sends it again. A
-    /// wait's timeout counts from the first call: the request is rebuilt by
-    /// `req` with the time left (`None` when there is no deadline).
+    /// connects again ([`Client::reconnect`]) for at most `window` after the
+    /// failure and sends it again. A wait's timeout counts from the first
+    /// call: the request is rebuilt by `req` with the time left (`None` when
+    /// there is no deadline).
     ///
-    /// Never use it for a submission: one whose reply was lost may have
-    /// been accepted, and sending it again would queue it twice.
+    /// Never use it for a plain submission (`Submit`): one whose reply was
+    /// lost may have been accepted, and sending it again would queue it
+    /// twice. Pipelined submissions are safe: the server takes each
+    /// reserved number once.
     pub fn request_reconnecting(
         &mut self,
-        window: std::time::Duration,
-        deadline: Option<std::time::Instant>,
-        mut req: impl FnMut(Option<std::time::Duration>) -> ClientRequest,
+        window: Duration,
+        deadline: Option<Instant>,
+        mut req: impl FnMut(Option<Duration>) -> ClientRequest,
     ) -> Result<ServerReply, ClientError> {
-        use std::time::Instant;
         loop {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let err = match self.request(&req(left)) {
                 Err(e) if e.server_went_away() => e,
                 other => return other,
             };
-            // Unanswered submissions went with the connection: say so now,
-            // not after reconnecting, so that a flush from another thread
-            // does not wait for the reconnection.
-            self.lost.extend(self.outstanding.drain(..));
-            self.outstanding_bytes = 0;
-            self.unconfirmed.store(false, Ordering::Release);
-            let give_up = Instant::now() + window;
-            let mut pause = RECONNECT_FIRST_PAUSE;
-            let mut last = err;
-            loop {
-                let now = Instant::now();
-                if now >= give_up {
-                    return Err(last);
-                }
-                std::thread::sleep(pause.min(give_up - now));
-                pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
-                match Client::connect(&self.addr) {
-                    Ok(mut fresh) => {
-                        // What the old connection learnt stays; its
-                        // reservation and unanswered submissions went with it.
-                        fresh.answered = std::mem::take(&mut self.answered);
-                        fresh.lost = std::mem::take(&mut self.lost);
-                        fresh.unconfirmed = self.unconfirmed.clone();
-                        *self = fresh;
-                        break;
+            self.reconnect(window, err)?;
+        }
+    }
+
+    /// Connects again after the server went away (`err`), pausing 50 ms,
+    /// then twice as long each time up to 2 s, for at most `window`. What
+    /// the old connection learnt stays; its reservation goes. Pipelined
+    /// submissions still unanswered are written again on the new connection
+    /// (under their numbers: the server queues each once, and answers one
+    /// it had queued before as submitted), to leave with the next request;
+    /// they stay unconfirmed meanwhile. When it gives up, they are reported
+    /// lost ([`Client::take_lost`]): the server may or may not have queued
+    /// them.
+    fn reconnect(&mut self, window: Duration, err: ClientError) -> Result<(), ClientError> {
+        let give_up = Instant::now() + window;
+        let mut pause = RECONNECT_FIRST_PAUSE;
+        let mut last = err;
+        loop {
+            let now = Instant::now();
+            if now >= give_up {
+                self.give_up_outstanding();
+                return Err(last);
+            }
+            std::thread::sleep(pause.min(give_up - now));
+            pause = (pause * 2).min(RECONNECT_MAX_PAUSE);
+            match Client::connect(&self.addr) {
+                Ok(mut fresh) => {
+                    fresh.answered = std::mem::take(&mut self.answered);
+                    fresh.lost = std::mem::take(&mut self.lost);
+                    fresh.unconfirmed = self.unconfirmed.clone();
+                    fresh.outstanding = std::mem::take(&mut self.outstanding);
+                    fresh.outstanding_bytes = self.outstanding_bytes;
+                    *self = fresh;
+                    let mut again = Ok(());
+                    for p in &self.outstanding {
+                        again = self.writer.write_all(&p.frame);
+                        if again.is_err() {
+                            break;
+                        }
                     }
-                    Err(e) if e.server_went_away() => last = e,
-                    Err(e) => return Err(e),
+                    match again.map_err(|e| ClientError::Frame(FrameError::Io(e))) {
+                        Ok(()) => return Ok(()),
+                        Err(e) if e.server_went_away() => last = e,
+                        Err(e) => {
+                            self.give_up_outstanding();
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) if e.server_went_away() => last = e,
+                Err(e) => {
+                    self.give_up_outstanding();
+                    return Err(e);
                 }
             }
+        }
+    }
+
+    /// Reports every unanswered pipelined submission lost.
+    fn give_up_outstanding(&mut self) {
+        self.lost.extend(self.outstanding.drain(..).map(|p| p.seq));
+        self.outstanding_bytes = 0;
+        self.unconfirmed.store(false, Ordering::Release);
+    }
+
+    /// Whether the server closed this connection (it stopped or crashed
+    /// since the connection last heard from it), looked at without waiting.
+    fn peer_hung_up(&self) -> bool {
+        use nix::sys::socket::{MsgFlags, recv};
+        let mut byte = [0u8; 1];
+        match recv(self.fd, &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => true,
+            // Something to read (the next read has it), or nothing yet.
+            Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+            Err(_) => true,
         }
     }
 
@@ -289,11 +352,18 @@ impl Client {
 
     /// The next sequence number of this connection's reservation, asking the
     /// server for a new block when it is used up (blocks grow from 16 to
-    /// 4096 numbers as a client keeps submitting).
+    /// 4096 numbers as a client keeps submitting). A connection that has
+    /// nothing unanswered first looks whether the server hung up (a restart
+    /// since its last request): then it connects again and reserves anew,
+    /// so that a job is never named by a number of a connection nobody
+    /// will use again.
     pub fn reserve_seq(&mut self) -> Result<u64, ClientError> {
+        if !self.reserved.is_empty() && self.outstanding.is_empty() && self.peer_hung_up() {
+            self.reserved = 0..0;
+        }
         if self.reserved.is_empty() {
             let count = self.next_block.min(MAX_RESERVED);
-            match self.request(&ClientRequest::Reserve { count })? {
+            match self.request_reconnecting(RECONNECT_WINDOW, None, |_| ClientRequest::Reserve { count })? {
                 ServerReply::Reserved { first, count } if count > 0 => {
                     self.reserved = first..first.saturating_add(u64::from(count));
                 }
@@ -312,27 +382,38 @@ impl Client {
     /// [`Client::flush_pipelined`]; its reply is read then and kept for
     /// [`Client::take_answered`]. When [`MAX_OUTSTANDING`] submissions or
     /// [`MAX_OUTSTANDING_BYTES`] wait for replies, those are read first: an
-    /// error then means this submission was not written.
+    /// error then means this submission was not written. If the server went
+    /// away, the client connects again and sends the unanswered submissions
+    /// again, this one included ([`Client::reconnect`]).
     pub fn submit_pipelined(&mut self, seq: u64, spec: JobSpec) -> Result<(), ClientError> {
         if self.outstanding.len() >= MAX_OUTSTANDING || self.outstanding_bytes >= MAX_OUTSTANDING_BYTES {
             self.flush_pipelined()?;
         }
         let frame = crate::frame::encode(&ClientRequest::SubmitReserved { seq, spec: Box::new(spec) });
-        self.writer.write_all(&frame).map_err(FrameError::Io)?;
-        self.outstanding.push_back(seq);
+        let written = self.writer.write_all(&frame);
         self.outstanding_bytes = self.outstanding_bytes.saturating_add(frame.len());
+        self.outstanding.push_back(Pipelined { seq, frame });
         self.unconfirmed.store(true, Ordering::Release);
-        Ok(())
+        match written.map_err(|e| ClientError::Frame(FrameError::Io(e))) {
+            Ok(()) => Ok(()),
+            Err(e) if e.server_went_away() => self.reconnect(RECONNECT_WINDOW, e),
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends the pipelined submissions not sent yet and reads every reply
-    /// still owed.
+    /// still owed; if the server went away meanwhile, connects again and
+    /// sends the unanswered ones again ([`Client::reconnect`]).
     pub fn flush_pipelined(&mut self) -> Result<(), ClientError> {
-        if self.outstanding.is_empty() {
-            return Ok(());
+        while !self.outstanding.is_empty() {
+            let err = match self.send_buffered().and_then(|()| self.read_outstanding()) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.server_went_away() => e,
+                Err(e) => return Err(e),
+            };
+            self.reconnect(RECONNECT_WINDOW, err)?;
         }
-        self.send_buffered()?;
-        self.read_outstanding()
+        Ok(())
     }
 
     /// Writes the pipelined submissions still in the buffer to the socket,
@@ -357,14 +438,14 @@ impl Client {
     }
 
     /// The pipelined submissions whose connection broke before the server
-    /// confirmed them, found when [`Client::request_reconnecting`] connected
-    /// again: the server may or may not have queued them.
+    /// confirmed them and that could not be sent again (the client gave up
+    /// connecting again): the server may or may not have queued them.
     pub fn take_lost(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.lost)
     }
 
     fn read_outstanding(&mut self) -> Result<(), ClientError> {
-        while let Some(&seq) = self.outstanding.front() {
+        while let Some(seq) = self.outstanding.front().map(|p| p.seq) {
             let outcome = match read_frame::<ServerReply>(&mut self.reader)? {
                 ServerReply::Submitted { seq: got, .. } if got == seq => Ok(()),
                 ServerReply::Error(e) => Err(e),
@@ -455,29 +536,21 @@ mod tests {
         let _: ClientRequest = read_frame(&mut s).unwrap();
     }
 
-    #[test]
-    fn submissions_a_broken_connection_left_unanswered_are_reported_lost() {
-        let (l, addr) = listener("lost");
-        let server = std::thread::spawn(move || {
-            take_a_submission_and_crash(&l);
-            let mut s = accept(&l);
-            let ClientRequest::Nodes = read_frame(&mut s).unwrap() else { panic!("not sent again") };
-            write_frame(&mut s, &ServerReply::Nodes(Vec::new())).unwrap();
-        });
-        let mut c = Client::connect(&addr).unwrap();
-        let seq = c.reserve_seq().unwrap();
-        c.submit_pipelined(seq, spec()).unwrap();
-        let reply = c.request_reconnecting(RECONNECT_WINDOW, None, |_| ClientRequest::Nodes).unwrap();
-        assert_eq!(reply, ServerReply::Nodes(Vec::new()));
-        assert_eq!(c.take_lost(), vec![seq]);
-        assert!(c.take_answered().is_empty());
-        assert!(!c.unconfirmed_flag().load(Ordering::Acquire));
-        server.join().unwrap();
+    /// Reads a submission under `want` and the request after it, and
+    /// answers both.
+    fn take_again(s: &mut UnixStream, want: u64) {
+        let ClientRequest::SubmitReserved { seq, .. } = read_frame(s).unwrap() else {
+            panic!("not sent again")
+        };
+        assert_eq!(seq, want);
+        let ClientRequest::Nodes = read_frame(s).unwrap() else { panic!("no query") };
+        write_frame(s, &submitted(seq)).unwrap();
+        write_frame(s, &ServerReply::Nodes(Vec::new())).unwrap();
     }
 
     #[test]
-    fn a_reconnecting_request_gives_up_unanswered_submissions_before_it_reconnects() {
-        let (l, addr) = listener("giveup");
+    fn unanswered_submissions_are_sent_again_once_the_server_is_back() {
+        let (l, addr) = listener("again");
         let ServerAddr::Unix(path) = addr.clone() else { unreachable!() };
         let (go, gone) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
@@ -487,9 +560,7 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             gone.recv().unwrap();
             let l = UnixListener::bind(&path).unwrap();
-            let mut s = accept(&l);
-            let ClientRequest::Nodes = read_frame(&mut s).unwrap() else { panic!() };
-            write_frame(&mut s, &ServerReply::Nodes(Vec::new())).unwrap();
+            take_again(&mut accept(&l), 1);
         });
         let mut c = Client::connect(&addr).unwrap();
         let seq = c.reserve_seq().unwrap();
@@ -499,17 +570,89 @@ mod tests {
             let reply = c.request_reconnecting(RECONNECT_WINDOW, None, |_| ClientRequest::Nodes);
             (c, reply)
         });
-        // While it tries to connect again, nothing is left to confirm.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while flag.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let cleared = !flag.load(Ordering::Acquire);
+        // While it tries to connect again, the submission is still owed a reply.
+        std::thread::sleep(Duration::from_millis(300));
+        let unconfirmed_meanwhile = flag.load(Ordering::Acquire);
         go.send(()).unwrap();
         let (mut c, reply) = waiter.join().unwrap();
-        assert!(cleared, "submissions still unconfirmed while the client reconnects");
+        assert!(unconfirmed_meanwhile, "a flush from another thread would think it confirmed");
         assert_eq!(reply.unwrap(), ServerReply::Nodes(Vec::new()));
+        assert_eq!(c.take_answered(), vec![(seq, Ok(()))]);
+        assert!(c.take_lost().is_empty());
+        assert!(!flag.load(Ordering::Acquire));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn submissions_are_reported_lost_when_the_server_does_not_come_back() {
+        let (l, addr) = listener("lost");
+        let server = std::thread::spawn(move || {
+            take_a_submission_and_crash(&l);
+            drop(l);
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let seq = c.reserve_seq().unwrap();
+        c.submit_pipelined(seq, spec()).unwrap();
+        // Nothing listens at the path once it has crashed.
+        let err =
+            c.request_reconnecting(Duration::from_millis(200), None, |_| ClientRequest::Nodes).unwrap_err();
+        server.join().unwrap();
+        assert!(err.server_went_away(), "{err}");
         assert_eq!(c.take_lost(), vec![seq]);
+        assert!(c.take_answered().is_empty());
+        assert!(!c.unconfirmed_flag().load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_flush_after_the_server_went_away_sends_the_submission_to_the_next_one() {
+        let (l, addr) = listener("flush");
+        let (crashed, told) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            // Reserves, then goes away without a word before anything else.
+            let mut s = accept(&l);
+            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
+            drop(s);
+            crashed.send(()).unwrap();
+            let mut s = accept(&l);
+            let ClientRequest::SubmitReserved { seq, .. } = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &submitted(seq)).unwrap();
+            seq
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let first = c.reserve_seq().unwrap();
+        told.recv().unwrap();
+        // The submission was named while a reply was owed (so the hang-up
+        // was not looked for): it goes out on the dead connection first.
+        c.outstanding.push_back(Pipelined { seq: 0, frame: Vec::new() });
+        let seq = c.reserve_seq().unwrap();
+        c.outstanding.clear();
+        assert_eq!(seq, first + 1, "named from the old reservation");
+        c.submit_pipelined(seq, spec()).unwrap();
+        c.flush_pipelined().unwrap();
+        assert_eq!(c.take_answered(), vec![(seq, Ok(()))]);
+        assert_eq!(server.join().unwrap(), seq);
+    }
+
+    #[test]
+    fn a_connection_the_server_hung_up_names_no_job_from_its_reservation() {
+        let (l, addr) = listener("idle");
+        let (crashed, told) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let mut s = accept(&l);
+            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
+            drop(s);
+            crashed.send(()).unwrap();
+            // The restarted server: numbers go on after the old reservation.
+            let mut s = accept(&l);
+            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
+            write_frame(&mut s, &ServerReply::Reserved { first: 100, count }).unwrap();
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        assert_eq!(c.reserve_seq().unwrap(), 1);
+        told.recv().unwrap();
+        assert_eq!(c.reserve_seq().unwrap(), 100, "a number of the dead connection");
         server.join().unwrap();
     }
 

@@ -648,6 +648,34 @@ def test_a_thread_connects_again_after_the_server_restarted(tmp_path):
         c.stop()
 
 
+def test_calls_right_after_a_server_restart_are_queued(tmp_path):
+    # The thread's connection saw nothing of the restart: its next calls
+    # must not be named by the numbers the old server reserved for it, and
+    # none is lost.
+    os.chmod(tmp_path, 0o755)
+    c = Cluster(tmp_path, name="callafter")
+    try:
+        code = textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(PYTHON_DIR)!r})
+            import picloud as cloud
+            cloud.init({str(c.dir)!r})
+            print(cloud.result(cloud.call(int, "1")), flush=True)
+            sys.stdin.readline()                 # the server restarts meanwhile
+            jids = [cloud.call(int, str(n)) for n in range(2, 40)]
+            print(cloud.result(jids, timeout=60), flush=True)
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "1"
+        c.stop()
+        c = Cluster(tmp_path, name="callafter")
+        out, err = proc.communicate("go\n", timeout=120)
+        assert out.strip() == str(list(range(2, 40))), out + err
+    finally:
+        c.stop()
+
+
 def test_embedded_default_starts_and_stops_a_local_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PICLOUD_DIR", "PICLOUD_SERVER")}
     env["HOME"] = str(tmp_path)

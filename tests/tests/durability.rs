@@ -207,3 +207,73 @@ fn a_clean_stop_and_start_keeps_finished_jobs_and_results() {
     assert_eq!((job["job_state"].as_str(), job["Exit_status"].as_i64()), (Some("F"), Some(4)), "{job}");
     assert_eq!(std::fs::read_to_string(site.work.join(format!("hello.o{}", seq_of(&id)))).unwrap(), "hi\n");
 }
+
+/// A client in the middle of a burst of pipelined submissions (the Python
+/// client's `call`) when the server is killed: it connects to the next
+/// server and sends again what was not confirmed, which queues each job
+/// once, also one the killed server had queued, and a connection left
+/// idle across a restart names no job by its old numbers.
+#[test]
+fn pipelined_submissions_across_a_killed_server_are_queued_once_each() {
+    use picloud_proto::{JobCommand, JobSpec, JoinStreams};
+    let mut site = Site::new(&[]);
+    site.start();
+    let work = site.work.to_str().unwrap().to_string();
+    let job = |i: usize| JobSpec {
+        stdout: Some("/dev/null".into()),
+        join: JoinStreams::IntoOut,
+        env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
+        ..JobSpec::new(
+            "p",
+            JobCommand::Argv(vec!["sh".into(), "-c".into(), format!("echo p{i} $PBS_JOBID >> lines")]),
+            work.as_str(),
+        )
+    };
+    let mut c = Client::connect(&site.addr()).unwrap();
+    let mut seqs = Vec::new();
+    const N: usize = 300;
+    for i in 0..N {
+        let seq = c.reserve_seq().unwrap();
+        c.submit_pipelined(seq, job(i)).unwrap();
+        seqs.push(seq);
+        if i == 100 || i == 200 {
+            // The server gets what was written so far, and dies before
+            // (or while) it answers.
+            c.send_buffered().unwrap();
+            site.kill_server();
+            site.start_server();
+        }
+    }
+    c.flush_pipelined().unwrap();
+    let answered = c.take_answered();
+    assert!(c.take_lost().is_empty(), "nothing lost");
+    assert_eq!(answered.len(), N, "one answer each");
+    assert!(answered.iter().all(|(_, r)| r.is_ok()), "{answered:?}");
+    // Idle across a restart: the next job is named by a fresh number.
+    site.kill_server();
+    site.start_server();
+    let seq = c.reserve_seq().unwrap();
+    assert!(seq > *seqs.iter().max().unwrap());
+    c.submit_pipelined(seq, job(N)).unwrap();
+    c.flush_pipelined().unwrap();
+    assert_eq!(c.take_answered(), vec![(seq, Ok(()))]);
+    seqs.push(seq);
+    for seq in &seqs {
+        site.wait_finished(&format!("{seq}.testsrv"), LONG);
+    }
+    // Each element by one job; a job may run twice only when a kill left
+    // it running unconfirmed (as in the test above).
+    let lines = site.lines("lines");
+    let mut jobs_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in lines.keys() {
+        let (element, job) = line.split_once(' ').unwrap();
+        jobs_of.entry(element.to_string()).or_default().push(job.to_string());
+    }
+    for i in 0..=N {
+        let jobs = jobs_of.get(&format!("p{i}")).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(jobs.len(), 1, "p{i} queued once: {jobs:?}");
+    }
+    assert_eq!(jobs_of.len(), N + 1);
+    let reruns: usize = lines.values().map(|n| n - 1).sum();
+    assert!(reruns <= 3 * 2, "{reruns} reruns");
+}

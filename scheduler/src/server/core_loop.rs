@@ -79,7 +79,11 @@ use super::{Caller, ConnId, Inbound, Outbound, ServerConfig};
 use crate::core::{Core, Decision, Event, NodeId, NodeShape, Phase, Request};
 
 mod nodes;
+mod reservations;
 mod restore;
+
+pub(crate) use reservations::Reservation;
+use reservations::{Claim, Reservations};
 
 /// The number of a batch whose output the syncer released.
 type Released = u64;
@@ -134,14 +138,6 @@ struct Waiter {
     /// that has ended stays ended), so each check starts at the first that
     /// had not, rather than looking at every job of a long list again.
     ended: usize,
-}
-
-/// The sequence numbers a client's connection reserved (`Reserve`) and has
-/// not used yet: `next..end`, to be used in increasing order.
-#[derive(Debug, Clone, Copy)]
-struct Reservation {
-    next: u64,
-    end: u64,
 }
 
 /// Frames for one connection, gathered during a batch.
@@ -238,8 +234,9 @@ pub struct CoreLoop {
     /// The sequence numbers of `unsynced`: a job's tasks may start only
     /// once its submission is on disk (see the module doc).
     unsynced_seqs: HashSet<u64>,
-    /// Each client connection's reservation of sequence numbers.
-    reservations: HashMap<ConnId, Reservation>,
+    /// Sequence numbers reserved for clients, of open connections and of
+    /// closed ones (`reservations.rs`).
+    reservations: Reservations,
     /// Agents with output waiting for a sync, and the last batch it is in.
     pending_agents: HashMap<ConnId, u64>,
     /// Agents' connections whose output this batch must wait for the sync.
@@ -303,7 +300,7 @@ impl CoreLoop {
             synced: crossbeam_channel::unbounded(),
             unsynced: VecDeque::new(),
             unsynced_seqs: HashSet::new(),
-            reservations: HashMap::new(),
+            reservations: Reservations::default(),
             pending_agents: HashMap::new(),
             hold_for_commit: Vec::new(),
         }
@@ -681,6 +678,21 @@ impl CoreLoop {
                 return;
             }
         };
+        // The reservations still alive go into the new segment, which the
+        // snapshot does not hold, and reach the disk before it is written.
+        let mut reserved = false;
+        for r in self.reservations.all() {
+            let &Reservation { first, next, end, uid } = r;
+            j.append(|buf| durable::encode(&LiveChange::ReservedFor { first, next, end, uid }, buf));
+            reserved = true;
+        }
+        if reserved {
+            if let Err(e) = j.commit().and_then(|t| t.map_or(Ok(()), |t| t.sync())) {
+                self.fail(e);
+                return;
+            }
+        }
+        let Some(j) = &mut self.journal else { return };
         let dir = j.dir().to_path_buf();
         let fsync = j.config().fsync;
         let keep_from = self.last_snapshot.unwrap_or(1);
@@ -833,19 +845,14 @@ impl CoreLoop {
                 // these numbers to other jobs: the client may already have
                 // named jobs by them (its connection's use of them ends with
                 // the connection).
-                self.journal_only(&LiveChange::Reserved { end: self.next_seq });
-                self.reservations.insert(conn, Reservation { next: first, end: first + u64::from(count) });
+                let r = Reservation { first, next: first, end: self.next_seq, uid: caller.uid };
+                self.journal_only(&LiveChange::ReservedFor { first, next: first, end: r.end, uid: r.uid });
+                self.reservations.reserve(conn, r);
                 self.reply(conn, &ServerReply::Reserved { first, count });
             }
             ClientRequest::SubmitReserved { seq, spec } => {
-                let result = self.reserved(conn, seq).and_then(|()| self.submit(*spec, caller, Some(seq)));
-                match result {
-                    Ok((seq, id)) => {
-                        if let Some(r) = self.reservations.get_mut(&conn) {
-                            r.next = seq + 1;
-                        }
-                        self.reply(conn, &ServerReply::Submitted { seq, id })
-                    }
+                match self.submit_reserved(conn, caller, seq, *spec) {
+                    Ok((seq, id)) => self.reply(conn, &ServerReply::Submitted { seq, id }),
                     Err(e) => self.reply(conn, &ServerReply::Error(e)),
                 }
             }
@@ -916,24 +923,48 @@ impl CoreLoop {
         }
     }
 
-    /// Checks that `conn` may submit a job under `seq` (`SubmitReserved`).
-    fn reserved(&self, conn: ConnId, seq: u64) -> Result<(), ProtoError> {
-        match self.reservations.get(&conn) {
-            Some(r) if (r.next..r.end).contains(&seq) => Ok(()),
-            r => {
-                let left = match r {
-                    Some(r) if r.next < r.end => format!("; numbers {} to {} are left", r.next, r.end - 1),
-                    _ => String::new(),
-                };
-                Err(ProtoError::new(
-                    ErrorKind::Invalid,
-                    format!(
-                        "job number {seq} is not reserved by this connection (reserve numbers first; each may \
-                         be used once, in increasing order){left}"
-                    ),
-                ))
+    /// Queues a job under `seq`, a number reserved for `conn` or for a
+    /// closed connection of the caller (`reservations.rs`). A job the caller
+    /// submitted under that number before, on a connection now closed, is
+    /// answered as submitted, changing nothing.
+    fn submit_reserved(
+        &mut self,
+        conn: ConnId,
+        caller: &Caller,
+        seq: u64,
+        spec: JobSpec,
+    ) -> Result<(u64, String), ProtoError> {
+        let claim = self
+            .reservations
+            .claim(conn, caller.uid, seq)
+            .map_err(|why| ProtoError::new(ErrorKind::Invalid, why))?;
+        if let Claim::Orphan { again, .. } = claim {
+            match self.jobs.get(seq) {
+                Some(job) if job.uid == caller.uid => {
+                    debug!(seq, "a submission sent again after a reconnection: queued already");
+                    return Ok((seq, job.id(&self.facts.name)));
+                }
+                Some(_) => {
+                    return Err(ProtoError::new(
+                        ErrorKind::PermissionDenied,
+                        format!("job number {seq} belongs to another user's job"),
+                    ));
+                }
+                None if again => {
+                    return Err(ProtoError::new(
+                        ErrorKind::Invalid,
+                        format!(
+                            "job number {seq} was sent again after a reconnection, but its first submission was \
+                             refused or its job has ended and been forgotten; it is not queued again"
+                        ),
+                    ));
+                }
+                None => {}
             }
         }
+        let submitted = self.submit(spec, caller, Some(seq))?;
+        self.reservations.used(conn, claim, seq);
+        Ok(submitted)
     }
 
     /// Queues a job, under the next sequence number or (`SubmitReserved`)
@@ -1111,8 +1142,9 @@ impl CoreLoop {
     }
 
     fn closed(&mut self, conn: ConnId) {
-        // Its numbers left unused are never given to another job.
-        self.reservations.remove(&conn);
+        // Its numbers are never given to another job; its client may still
+        // send submissions named by them, on a new connection.
+        self.reservations.closed(conn, Instant::now());
         self.waiters.retain(|w| w.conn != conn);
         self.outbox.remove(&conn);
         let Some(node) = self.agent_conns.remove(&conn) else { return };

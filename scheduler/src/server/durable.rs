@@ -23,6 +23,7 @@ use std::sync::Arc;
 use picloud_proto::{JobSpec, TaskEnd, TaskId};
 use serde::{Deserialize, Serialize};
 
+use super::core_loop::Reservation;
 use super::jobs::{JobMap, JobRecord, JobTable};
 use super::journal::{JournalError, RECORD_CHANGES, Recovered};
 use crate::core::{EndReason, NodeId};
@@ -153,6 +154,21 @@ pub(crate) enum Change<E> {
         /// One past the last number reserved.
         end: u64,
     },
+    /// Job numbers `first..end` were set aside for a client of user `uid`,
+    /// those below `next` used: recorded when reserved, and again after
+    /// each snapshot while the reservation lives, so that a restart gives
+    /// the client its numbers back (`core_loop/reservations.rs`) and never
+    /// gives them to another job.
+    ReservedFor {
+        /// First number reserved.
+        first: u64,
+        /// Numbers below it were used.
+        next: u64,
+        /// One past the last number reserved.
+        end: u64,
+        /// The user it was reserved for.
+        uid: u32,
+    },
 }
 
 /// What a change did: `None` if it found nothing to change; for a
@@ -160,8 +176,8 @@ pub(crate) enum Change<E> {
 pub(crate) type Applied = Option<bool>;
 
 /// Carries out a change on the table (live and on replay alike).
-/// [`Change::NodeJoined`] and [`Change::Reserved`] change no job and return
-/// `None`.
+/// [`Change::NodeJoined`], [`Change::Reserved`] and [`Change::ReservedFor`]
+/// change no job and return `None`.
 pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>) -> Applied {
     match change {
         Change::Submitted { seq, spec, user, uid, gid, ctime } => {
@@ -199,7 +215,7 @@ pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>)
             jobs.remove(seqs);
             Some(true)
         }
-        Change::NodeJoined { .. } | Change::Reserved { .. } => None,
+        Change::NodeJoined { .. } | Change::Reserved { .. } | Change::ReservedFor { .. } => None,
     }
 }
 
@@ -276,6 +292,9 @@ pub(crate) struct Replayed {
     pub(crate) nodes: std::collections::BTreeMap<NodeId, String>,
     /// Changes replayed after the snapshot.
     pub(crate) changes: u64,
+    /// Reservations of job numbers recorded after the snapshot, by first
+    /// number, each used up to the last job submitted under it.
+    pub(crate) reservations: std::collections::BTreeMap<u64, Reservation>,
 }
 
 /// Rebuilds the job table from what [`journal::open`](super::journal::open) read.
@@ -341,8 +360,20 @@ pub(crate) fn replay(recovered: &Recovered) -> Result<Replayed, JournalError> {
 fn replay_one(out: &mut Replayed, change: &Change<TaskEnd>) {
     out.changes += 1;
     match change {
-        Change::Submitted { seq, .. } => out.next_seq = out.next_seq.max(seq + 1),
+        Change::Submitted { seq, uid, .. } => {
+            out.next_seq = out.next_seq.max(seq + 1);
+            if let Some((_, r)) = out.reservations.range_mut(..=*seq).next_back() {
+                if *seq < r.end && r.uid == *uid {
+                    r.next = r.next.max(seq + 1);
+                }
+            }
+        }
         Change::Reserved { end } => out.next_seq = out.next_seq.max(*end),
+        &Change::ReservedFor { first, next, end, uid } => {
+            out.next_seq = out.next_seq.max(end);
+            let r = out.reservations.entry(first).or_insert(Reservation { first, next, end, uid });
+            r.next = r.next.max(next);
+        }
         Change::NodeJoined { node, name } => {
             out.next_node = out.next_node.max(node.0 + 1);
             out.nodes.insert(*node, name.clone());

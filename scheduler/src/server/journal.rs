@@ -85,7 +85,9 @@ use crossbeam_channel::{Receiver, Sender};
 /// rerun with each `Requeued`. Version 1 files are read.
 /// 3: segments may record `Reserved` (job numbers set aside for a client).
 /// Version 2 files are read as they are.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: segments may record `ReservedFor` (the same, with the client's user
+/// and how far it used them). Version 3 files are read as they are.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Magic of a segment file.
 const SEGMENT_MAGIC: [u8; 8] = *b"PICLJRNL";

@@ -78,6 +78,10 @@ impl CoreLoop {
         for (&node, name) in &replayed.nodes {
             self.names.insert(name.clone(), node);
         }
+        let now = std::time::Instant::now();
+        for r in replayed.reservations.values() {
+            self.reservations.orphan(*r, now);
+        }
         self.restore_nodes(&replayed.nodes);
         self.rebuild_core();
         let unconfirmed = self.core.unconfirmed().count();

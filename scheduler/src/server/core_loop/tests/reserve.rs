@@ -1,8 +1,10 @@
 //! Reserved sequence numbers (`Reserve`, `SubmitReserved`): a job takes the
 //! number it names, once and in increasing order, only on the connection
-//! that reserved it and while it is open; a refusal changes nothing; a job
-//! under a low reserved number submitted after higher ones still starts
-//! only once its own submission is synced, and survives a restart.
+//! that reserved it while it is open, and afterwards only for its user, on
+//! any connection, once (a submission sent again is answered as queued); a
+//! refusal changes nothing; a job under a low reserved number submitted
+//! after higher ones still starts only once its own submission is synced,
+//! and survives a restart, as the reservations do.
 
 use picloud_proto::{MAX_RESERVED, ProtoError};
 
@@ -21,6 +23,16 @@ fn reserve(conn: ConnId, count: u32) -> Inbound {
 
 fn submit_reserved(conn: ConnId, seq: u64, s: JobSpec) -> Inbound {
     on(conn, ClientRequest::SubmitReserved { seq, spec: Box::new(s) })
+}
+
+/// The same, from another user.
+fn submit_reserved_by_bob(conn: ConnId, seq: u64) -> Inbound {
+    let caller = Caller { uid: 1001, gid: 1001, user: "bob".into() };
+    Inbound::Request {
+        conn,
+        caller,
+        request: ClientRequest::SubmitReserved { seq, spec: Box::new(spec(None)) },
+    }
 }
 
 /// The one reply of a batch.
@@ -58,9 +70,30 @@ fn refused(h: &mut Harness, msg: Inbound) -> ProtoError {
 }
 
 fn not_reserved(h: &mut Harness, conn: ConnId, seq: u64) {
-    let e = refused(h, submit_reserved(conn, seq, spec(None)));
+    not_reserved_for(h, submit_reserved(conn, seq, spec(None)), seq);
+}
+
+fn not_reserved_for(h: &mut Harness, msg: Inbound, seq: u64) {
+    let e = refused(h, msg);
     assert_eq!(e.kind, ErrorKind::Invalid);
     assert!(e.message.contains(&format!("job number {seq} is not reserved by this connection")), "{e}");
+}
+
+/// A submission under `seq` sent again: answered as queued, changing nothing.
+fn queued_already(h: &mut Harness, conn: ConnId, seq: u64) {
+    let before = stat(&h.snapshot(), true);
+    let sent = h.batch(vec![submit_reserved(conn, seq, spec(Some("1-5")))]);
+    let ServerReply::Submitted { seq: got, id } = reply(&sent) else { panic!("{sent:?}") };
+    assert_eq!(*got, seq);
+    let id = id.strip_suffix(".srv").unwrap();
+    assert!(id == seq.to_string() || id == format!("{seq}[]"), "the job's own id, not {id}");
+    assert_eq!(stat(&h.snapshot(), true), before, "nothing changed");
+}
+
+/// A submission under `seq` sent again whose first one is not there.
+fn not_again(h: &mut Harness, conn: ConnId, seq: u64) {
+    let e = refused(h, submit_reserved(conn, seq, spec(None)));
+    assert!(e.message.contains("refused or its job has ended and been forgotten"), "{e}");
 }
 
 fn seqs(h: &Harness) -> Vec<u64> {
@@ -140,18 +173,27 @@ fn a_reserved_job_queues_behind_jobs_submitted_before_it() {
 }
 
 #[test]
-fn numbers_of_a_closed_connection_are_refused() {
+fn numbers_of_a_closed_connection_stay_its_users_once_each() {
     let mut h = Harness::new();
-    let first = reserved(&mut h, CLIENT, 3);
-    accepted(&mut h, CLIENT, first, spec(None));
+    let first = reserved(&mut h, CLIENT, 4);
+    accepted(&mut h, CLIENT, first + 1, spec(None));
     h.batch(vec![Inbound::Closed(CLIENT)]);
-    not_reserved(&mut h, OTHER, first + 1);
-    // Even on a connection of the same number, should one come.
-    not_reserved(&mut h, CLIENT, first + 1);
-    // And never given to another job.
+    // Not another user's, on any connection.
+    not_reserved_for(&mut h, submit_reserved_by_bob(OTHER, first + 2), first + 2);
+    // The user's own, sent again on a new connection: the one queued
+    // already is answered as queued, the one skipped is not queued now.
+    queued_already(&mut h, OTHER, first + 1);
+    not_again(&mut h, OTHER, first);
+    // One never sent is queued, once.
+    accepted(&mut h, OTHER, first + 3, spec(None));
+    queued_already(&mut h, OTHER, first + 3);
+    not_again(&mut h, OTHER, first + 2);
+    // And none is given to another job.
     let (next, _) = h.submit(spec(None));
-    assert_eq!(next, first + 3);
-    assert_eq!(seqs(&h), vec![first, first + 3]);
+    assert_eq!(next, first + 4);
+    assert_eq!(seqs(&h), vec![first + 1, first + 3, first + 4]);
+    h.check_counts();
+    h.core.core.sanity_check();
 }
 
 /// Whether a job's start waits for the sync of its own submission, not of
@@ -228,9 +270,42 @@ fn reserved_jobs_survive_a_restart_and_later_numbers_follow_them() {
     // a client may have named a job by it.
     let (next, _) = h.submit(spec(None));
     assert_eq!(next, 10, "the first job after a restart");
-    // The reservations went with its connection.
-    not_reserved(&mut h, CLIENT, 3);
-    not_reserved(&mut h, OTHER, 9);
+    // Their user may send the submissions again, on any connection.
+    queued_already(&mut h, OTHER, 5);
+    not_again(&mut h, CLIENT, 3);
+    accepted(&mut h, CLIENT, 9, spec(None));
+    not_reserved_for(&mut h, submit_reserved_by_bob(OTHER, 9), 9);
+}
+
+/// A snapshot holds no reservation: they are recorded again after it, with
+/// how far each was used; jobs submitted after it move that on.
+#[test]
+fn reservations_survive_a_snapshot_and_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let mut h = open(state.path());
+    let first = reserved(&mut h, CLIENT, 10);
+    accepted(&mut h, CLIENT, first + 2, spec(None));
+    h.batch(vec![Inbound::Closed(CLIENT)]);
+    let open_one = reserved(&mut h, OTHER, 5);
+    accepted(&mut h, OTHER, open_one, spec(None));
+    // A job that ended and was forgotten before the snapshot.
+    h.batch(vec![request(ClientRequest::Cancel(vec![JobRef::Job(first + 2)]))]);
+    h.core.jobs.remove(&[first + 2]);
+    h.core.snapshot(false);
+    accepted(&mut h, OTHER, open_one + 2, spec(None));
+    drop(h); // killed
+
+    let mut h = open(state.path());
+    // Forgotten, or below the highest used: not queued again.
+    not_again(&mut h, CLIENT, first + 2);
+    not_again(&mut h, CLIENT, first + 1);
+    accepted(&mut h, CLIENT, first + 3, spec(None));
+    // The open connection's, used further after the snapshot.
+    queued_already(&mut h, CLIENT, open_one + 2);
+    not_again(&mut h, CLIENT, open_one + 1);
+    accepted(&mut h, CLIENT, open_one + 4, spec(None));
+    let (next, _) = h.submit(spec(None));
+    assert_eq!(next, open_one + 5);
 }
 
 #[test]
