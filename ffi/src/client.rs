@@ -1192,7 +1192,11 @@ pub unsafe extern "C" fn picloud_client_status(
             user: None,
             expand_arrays: false,
         });
-        let status = c.with_jobs(&[seq], |client| match client.request(&request)? {
+        // A query changes nothing: across a restart of the server it is sent
+        // again once the server is back.
+        let reply =
+            |client: &mut Client| client.request_reconnecting(RECONNECT_WINDOW, None, |_| request.clone());
+        let status = c.with_jobs(&[seq], |client| match reply(client)? {
             ServerReply::Jobs { unknown, .. } if !unknown.is_empty() => {
                 Err(FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("Unknown Job Id {r}")))
             }

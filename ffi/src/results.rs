@@ -308,7 +308,8 @@ pub unsafe extern "C" fn picloud_client_wait_task(
 
 /// The outcomes of the tasks `r` names, by a `Results` request.
 fn fetch(client: &mut picloud_proto::Client, r: JobRef) -> Result<Vec<TaskResult>, FfiError> {
-    match client.request(&ClientRequest::Results(vec![r]))? {
+    let request = |_| ClientRequest::Results(vec![r]);
+    match client.request_reconnecting(picloud_proto::client::RECONNECT_WINDOW, None, request)? {
         ServerReply::Results { unknown, .. } if !unknown.is_empty() => {
             Err(FfiError::new(PICLOUD_ERR_UNKNOWN_JOB, format_args!("Unknown Job Id {r}")))
         }
