@@ -94,14 +94,7 @@ impl picloud_client {
     ) -> Result<R, FfiError> {
         let client = match conn {
             Conn::Ready(c) => c,
-            Conn::Broken(why) => {
-                return Err(FfiError::new(
-                    PICLOUD_ERR_CONNECTION_LOST,
-                    format_args!(
-                        "this picloud_client lost its connection earlier ({why}); free it and connect again"
-                    ),
-                ));
-            }
+            Conn::Broken(why) => return Err(broken(why)),
         };
         let result = f(client);
         let (answered, lost) = (client.take_answered(), client.take_lost());
@@ -176,7 +169,13 @@ impl picloud_client {
         let mut pause = Duration::from_micros(20);
         loop {
             if !self.unconfirmed.load(Ordering::Acquire) {
-                return Ok(());
+                // Nothing to confirm; but a broken client says so (a call
+                // in progress elsewhere holds a connection that works).
+                return match self.conn.try_lock().as_deref() {
+                    Ok(Conn::Broken(why)) => Err(broken(why)),
+                    Err(TryLockError::Poisoned(_)) => Err(poisoned()),
+                    _ => Ok(()),
+                };
             }
             match self.conn.try_lock() {
                 Ok(mut conn) => return self.run_on(&mut conn, |client| Ok(client.flush_pipelined()?)),
@@ -188,6 +187,14 @@ impl picloud_client {
             }
         }
     }
+}
+
+/// The error of every call on a client whose connection broke.
+fn broken(why: &str) -> FfiError {
+    FfiError::new(
+        PICLOUD_ERR_CONNECTION_LOST,
+        format_args!("this picloud_client lost its connection earlier ({why}); free it and connect again"),
+    )
 }
 
 /// The error of a client whose lock a panic poisoned.

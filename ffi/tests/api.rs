@@ -282,6 +282,8 @@ fn a_server_going_away_ends_a_wait_with_an_error_and_the_client_says_so_after() 
     let msg =
         fails(picloud_client_cancel(client.0, slow, -1), picloud_error_code::PICLOUD_ERR_CONNECTION_LOST);
     assert!(msg.contains("connect again"), "{msg}");
+    // A flush too, with nothing left to confirm.
+    fails(picloud_client_flush(client.0), picloud_error_code::PICLOUD_ERR_CONNECTION_LOST);
     ok(picloud_client_free(client.0));
     // And connecting now fails cleanly.
     let dir = cstr(c.dir.path().to_str().unwrap());
