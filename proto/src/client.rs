@@ -603,17 +603,25 @@ mod tests {
         assert!(!c.unconfirmed_flag().load(Ordering::Acquire));
     }
 
+    /// Reads a `Reserve` and answers it with numbers from `first` on.
+    fn answer_reserve(s: &mut UnixStream, first: u64) {
+        let ClientRequest::Reserve { count } = read_frame(s).unwrap() else { panic!("no reserve") };
+        write_frame(s, &ServerReply::Reserved { first, count }).unwrap();
+    }
+
+    /// Serves one client a reservation from 1 on, then goes away without a
+    /// word before anything else, and says so on `crashed`.
+    fn reserve_then_hang_up(l: &UnixListener, crashed: &std::sync::mpsc::Sender<()>) {
+        answer_reserve(&mut accept(l), 1);
+        crashed.send(()).unwrap();
+    }
+
     #[test]
     fn a_flush_after_the_server_went_away_sends_the_submission_to_the_next_one() {
         let (l, addr) = listener("flush");
         let (crashed, told) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            // Reserves, then goes away without a word before anything else.
-            let mut s = accept(&l);
-            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
-            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
-            drop(s);
-            crashed.send(()).unwrap();
+            reserve_then_hang_up(&l, &crashed);
             let mut s = accept(&l);
             let ClientRequest::SubmitReserved { seq, .. } = read_frame(&mut s).unwrap() else { panic!() };
             write_frame(&mut s, &submitted(seq)).unwrap();
@@ -639,15 +647,9 @@ mod tests {
         let (l, addr) = listener("idle");
         let (crashed, told) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let mut s = accept(&l);
-            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
-            write_frame(&mut s, &ServerReply::Reserved { first: 1, count }).unwrap();
-            drop(s);
-            crashed.send(()).unwrap();
+            reserve_then_hang_up(&l, &crashed);
             // The restarted server: numbers go on after the old reservation.
-            let mut s = accept(&l);
-            let ClientRequest::Reserve { count } = read_frame(&mut s).unwrap() else { panic!() };
-            write_frame(&mut s, &ServerReply::Reserved { first: 100, count }).unwrap();
+            answer_reserve(&mut accept(&l), 100);
         });
         let mut c = Client::connect(&addr).unwrap();
         assert_eq!(c.reserve_seq().unwrap(), 1);

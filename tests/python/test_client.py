@@ -617,78 +617,73 @@ def test_server_going_away_mid_result_is_an_error_not_a_hang(tmp_path):
         c.stop()
 
 
-def test_a_thread_connects_again_after_the_server_restarted(tmp_path):
+def _across_a_restart(tmp_path, name, body):
+    """Runs ``body`` (after ``cloud.init`` of a cluster) in a Python process,
+    which prints "1" once ready and then reads a line; the cluster is stopped
+    and started again before that line comes. Returns the process's stdout
+    and stderr."""
     os.chmod(tmp_path, 0o755)
-    c = Cluster(tmp_path, name="restarts")
-    try:
-        code = textwrap.dedent(f"""
-            import sys, threading
-            sys.path.insert(0, {str(PYTHON_DIR)!r})
-            import picloud as cloud
-            cloud.init({str(c.dir)!r})
-            def outcome(f, *args):
-                try:
-                    return f(*args)
-                except Exception as e:
-                    return type(e).__name__
-            unknown = cloud.Jid(1 << 30)
-            ready, go, got = threading.Event(), threading.Event(), []
-            def other():                         # a thread with a connection of its own
-                cloud.result(cloud.call(int, "5"))
-                ready.set()
-                go.wait()
-                got.append(outcome(cloud.status, unknown))
-            t = threading.Thread(target=other)
-            t.start()
-            ready.wait()
-            print(cloud.result(cloud.call(int, "1")), flush=True)
-            sys.stdin.readline()                 # the server restarts meanwhile
-            # A query connects again by itself.
-            go.set()
-            t.join()
-            # A kill is not sent again: it finds the connection lost, and the
-            # thread's next calls connect again.
-            outcomes = [got[0], outcome(cloud.kill, unknown), outcome(cloud.status, unknown)]
-            outcomes.append(cloud.result(cloud.call(int, "2"), timeout=60))
-            print(outcomes, flush=True)
-        """)
-        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "1"
-        c.stop()
-        c = Cluster(tmp_path, name="restarts")
-        out, err = proc.communicate("go\n", timeout=120)
-        assert out.strip() == "['UnknownJob', 'ConnectionLost', 'UnknownJob', 2]", out + err
-    finally:
-        c.stop()
-
-
-def test_calls_right_after_a_server_restart_are_queued(tmp_path):
-    # The thread's connection saw nothing of the restart: its next calls
-    # must not be named by the numbers the old server reserved for it, and
-    # none is lost.
-    os.chmod(tmp_path, 0o755)
-    c = Cluster(tmp_path, name="callafter")
+    c = Cluster(tmp_path, name=name)
     try:
         code = textwrap.dedent(f"""
             import sys
             sys.path.insert(0, {str(PYTHON_DIR)!r})
             import picloud as cloud
             cloud.init({str(c.dir)!r})
-            print(cloud.result(cloud.call(int, "1")), flush=True)
-            sys.stdin.readline()                 # the server restarts meanwhile
-            jids = [cloud.call(int, str(n)) for n in range(2, 40)]
-            print(cloud.result(jids, timeout=60), flush=True)
-        """)
+        """) + textwrap.dedent(body)
         proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "1"
         c.stop()
-        c = Cluster(tmp_path, name="callafter")
-        out, err = proc.communicate("go\n", timeout=120)
-        assert out.strip() == str(list(range(2, 40))), out + err
+        c = Cluster(tmp_path, name=name)
+        return proc.communicate("go\n", timeout=120)
     finally:
         c.stop()
+
+
+def test_a_thread_connects_again_after_the_server_restarted(tmp_path):
+    out, err = _across_a_restart(tmp_path, "restarts", """
+        import threading
+        def outcome(f, *args):
+            try:
+                return f(*args)
+            except Exception as e:
+                return type(e).__name__
+        unknown = cloud.Jid(1 << 30)
+        ready, go, got = threading.Event(), threading.Event(), []
+        def other():                         # a thread with a connection of its own
+            cloud.result(cloud.call(int, "5"))
+            ready.set()
+            go.wait()
+            got.append(outcome(cloud.status, unknown))
+        t = threading.Thread(target=other)
+        t.start()
+        ready.wait()
+        print(cloud.result(cloud.call(int, "1")), flush=True)
+        sys.stdin.readline()                 # the server restarts meanwhile
+        # A query connects again by itself.
+        go.set()
+        t.join()
+        # A kill is not sent again: it finds the connection lost, and the
+        # thread's next calls connect again.
+        outcomes = [got[0], outcome(cloud.kill, unknown), outcome(cloud.status, unknown)]
+        outcomes.append(cloud.result(cloud.call(int, "2"), timeout=60))
+        print(outcomes, flush=True)
+    """)
+    assert out.strip() == "['UnknownJob', 'ConnectionLost', 'UnknownJob', 2]", out + err
+
+
+def test_calls_right_after_a_server_restart_are_queued(tmp_path):
+    # The thread's connection saw nothing of the restart: its next calls
+    # must not be named by the numbers the old server reserved for it, and
+    # none is lost.
+    out, err = _across_a_restart(tmp_path, "callafter", """
+        print(cloud.result(cloud.call(int, "1")), flush=True)
+        sys.stdin.readline()                 # the server restarts meanwhile
+        jids = [cloud.call(int, str(n)) for n in range(2, 40)]
+        print(cloud.result(jids, timeout=60), flush=True)
+    """)
+    assert out.strip() == str(list(range(2, 40))), out + err
 
 
 def test_embedded_default_starts_and_stops_a_local_cluster(tmp_path):
