@@ -663,6 +663,13 @@ int picloud_client_submit_command(struct picloud_client *client,
  * submission is one protocol frame of at most 64 MiB: pass larger data in
  * shared-memory segments (`picloud_segment_create`).
  *
+ * It returns once the server has queued the job. The job is named by a
+ * number the server reserved for this client, so a server that went away
+ * (a crash, a restart) does not lose it or queue it twice: the client
+ * connects again for up to 30 s and sends it again, and the server queues
+ * it once. Pipelined submissions of this client
+ * (`picloud_client_submit_python_async`) are sent and confirmed first.
+ *
  * # Safety
  * `call` points to a valid `picloud_python_call`, `options` is NULL or valid,
  * `seq_out` is writable.

@@ -401,6 +401,29 @@ impl Client {
         }
     }
 
+    /// Submits a job and waits until the server has queued it (or refused
+    /// it), returning its sequence number. Unlike a plain `Submit`, it is
+    /// safe across a server that went away: the job is named by a number of
+    /// this connection's reservation ([`Client::reserve_seq`]), so the
+    /// client connects again and sends it again ([`Client::reconnect`]), and
+    /// the server queues it once however often it arrives. Pipelined
+    /// submissions made before it are sent and answered first.
+    pub fn submit_reserved(&mut self, spec: JobSpec) -> Result<u64, ClientError> {
+        let seq = self.reserve_seq()?;
+        self.submit_pipelined(seq, spec)?;
+        let flushed = self.flush_pipelined();
+        if let Some(at) = self.lost.iter().position(|&s| s == seq) {
+            self.lost.swap_remove(at);
+        }
+        flushed?;
+        let at = self.answered.iter().rposition(|(s, _)| *s == seq);
+        match at.map(|at| self.answered.swap_remove(at).1) {
+            Some(Ok(())) => Ok(seq),
+            Some(Err(e)) => Err(ClientError::Server(e)),
+            None => Err(ClientError::Unexpected(format!("no reply to the submission of {seq}"))),
+        }
+    }
+
     /// Sends the pipelined submissions not sent yet and reads every reply
     /// still owed; if the server went away meanwhile, connects again and
     /// sends the unanswered ones again ([`Client::reconnect`]).
@@ -614,6 +637,37 @@ mod tests {
     fn reserve_then_hang_up(l: &UnixListener, crashed: &std::sync::mpsc::Sender<()>) {
         answer_reserve(&mut accept(l), 1);
         crashed.send(()).unwrap();
+    }
+
+    #[test]
+    fn a_waited_submission_is_sent_again_after_a_crash_and_gets_its_own_reply() {
+        let (l, addr) = listener("waited");
+        let server = std::thread::spawn(move || {
+            let mut s = accept(&l);
+            answer_reserve(&mut s, 1);
+            for want in [1, 2] {
+                let ClientRequest::SubmitReserved { seq, .. } = read_frame(&mut s).unwrap() else { panic!() };
+                assert_eq!(seq, want);
+            }
+            drop(s); // crashed before it answered either
+            let mut s = accept(&l);
+            for want in [1, 2] {
+                let ClientRequest::SubmitReserved { seq, .. } = read_frame(&mut s).unwrap() else { panic!() };
+                assert_eq!(seq, want, "sent again under the same numbers, in order");
+            }
+            write_frame(&mut s, &submitted(1)).unwrap();
+            write_frame(&mut s, &ServerReply::Error(ProtoError::new(ErrorKind::Invalid, "no node"))).unwrap();
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let first = c.reserve_seq().unwrap();
+        c.submit_pipelined(first, spec()).unwrap();
+        let refused = c.submit_reserved(spec()).unwrap_err();
+        assert!(matches!(&refused, ClientError::Server(e) if e.message == "no node"), "{refused:?}");
+        // The pipelined one's reply is kept for its owner; the waited one's
+        // went to its caller only.
+        assert_eq!(c.take_answered(), vec![(1, Ok(()))]);
+        assert!(c.take_lost().is_empty());
+        server.join().unwrap();
     }
 
     #[test]

@@ -686,6 +686,19 @@ def test_calls_right_after_a_server_restart_are_queued(tmp_path):
     assert out.strip() == str(list(range(2, 40))), out + err
 
 
+def test_a_map_right_after_a_server_restart_is_queued_once(tmp_path):
+    # A map's batches wait for the server: the first one after the restart
+    # finds the connection broken, connects again and is queued once.
+    out, err = _across_a_restart(tmp_path, "mapafter", """
+        print(cloud.result(cloud.map(int, ["1"]))[0], flush=True)
+        sys.stdin.readline()                 # the server restarts meanwhile
+        jids = cloud.map(int, [str(n) for n in range(2, 40)])
+        print(cloud.result(jids, timeout=60), flush=True)
+        print(len(set(str(j) for j in jids)), flush=True)
+    """)
+    assert out.strip().splitlines() == [str(list(range(2, 40))), "38"], out + err
+
+
 def test_embedded_default_starts_and_stops_a_local_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PICLOUD_DIR", "PICLOUD_SERVER")}
     env["HOME"] = str(tmp_path)

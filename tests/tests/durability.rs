@@ -214,6 +214,54 @@ fn a_clean_stop_and_start_keeps_finished_jobs_and_results() {
 /// once, also one the killed server had queued, and a connection left
 /// idle across a restart names no job by its old numbers.
 #[test]
+fn waited_submissions_across_a_killed_server_are_queued_once_each() {
+    // `submit_reserved` (what libpicloud's Python submissions use) waits for
+    // its reply; when the server is gone it connects again and sends the
+    // job again under its reserved number.
+    use picloud_proto::{JobCommand, JobSpec, JoinStreams};
+    let mut site = Site::new(&[]);
+    site.start();
+    let work = site.work.to_str().unwrap().to_string();
+    let job = move |i: usize| JobSpec {
+        stdout: Some("/dev/null".into()),
+        join: JoinStreams::IntoOut,
+        env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
+        ..JobSpec::new(
+            "w",
+            JobCommand::Argv(vec!["sh".into(), "-c".into(), format!("echo w{i} $PBS_JOBID >> lines")]),
+            work.as_str(),
+        )
+    };
+    let mut c = Client::connect(&site.addr()).unwrap();
+    let mut seqs: Vec<u64> = (0..20).map(|i| c.submit_reserved(job(i)).unwrap()).collect();
+    // Killed between two submissions: the next one finds the connection
+    // broken and waits for the server to be back.
+    site.kill_server();
+    let submitter = std::thread::spawn(move || {
+        let seqs: Vec<u64> = (20..40).map(|i| c.submit_reserved(job(i)).unwrap()).collect();
+        (c, seqs)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    site.start_server();
+    let (mut c, more) = submitter.join().unwrap();
+    seqs.extend(more);
+    assert!(c.take_lost().is_empty() && c.take_answered().is_empty(), "each answered to its caller");
+    let mut distinct = seqs.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), seqs.len(), "one number each: {seqs:?}");
+    for seq in &seqs {
+        site.wait_finished(&format!("{seq}.testsrv"), LONG);
+    }
+    let lines = site.lines("lines");
+    for i in 0..40 {
+        let n = lines.iter().filter(|(line, _)| line.starts_with(&format!("w{i} "))).count();
+        assert_eq!(n, 1, "w{i} queued once: {lines:?}");
+    }
+    assert_eq!(lines.len(), 40, "{lines:?}");
+}
+
+#[test]
 fn pipelined_submissions_across_a_killed_server_are_queued_once_each() {
     use picloud_proto::{JobCommand, JobSpec, JoinStreams};
     let mut site = Site::new(&[]);
