@@ -2,7 +2,7 @@
 one run on one machine: multiprocessing.Pool, ProcessPoolExecutor, and loky,
 Dask and Ray when they are installed.
 
-    python3 bench/python/peers.py [--tasks 2000] [--map 10000] [--skip-gib]
+    python3 bench/python/peers.py [--tasks 2000] [--map 10000] [--skip-gib] [--only-picloud]
 
 Measures: one call per no-op task (tasks/s), a map of no-ops (elements/s),
 single-task round-trip latency (median of 200 after warm-up), start-up from
@@ -180,10 +180,14 @@ def main():
     p.add_argument("--tasks", type=int, default=2000)
     p.add_argument("--map", type=int, default=10000)
     p.add_argument("--skip-gib", action="store_true")
+    p.add_argument("--only-picloud", action="store_true",
+                   help="picloud's row alone (to alternate two builds)")
     args = p.parse_args()
     print(f"{os.cpu_count()} cpus; {args.tasks} calls, map of {args.map}")
     row("", "call per task", "map", "latency")
     cloud = bench_picloud(args)
+    if args.only_picloud:
+        return
     bench_pool(args)
     bench_ppe(args)
     bench_optional(args)
