@@ -118,6 +118,9 @@ struct AgentLink {
     /// The node's shape while its agent has not yet reported what it runs
     /// (`AgentMsg::Running`): the core knows the node only after that.
     joining: Option<NodeShape>,
+    /// Set when the connection of a joined agent closed: its tasks are kept
+    /// while it may come back, until `last_heard` + the node timeout.
+    away: bool,
 }
 
 /// Most bytes of outcomes a wait's reply carries; larger ones are replaced
@@ -1151,7 +1154,7 @@ impl CoreLoop {
         if let Some(n) = self.nodes.get(&node) {
             warn!(node = %n.name, "agent disconnected");
         }
-        self.node_down(node);
+        self.node_away(node);
     }
 
     // ---- the core and its decisions

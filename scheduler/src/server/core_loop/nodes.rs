@@ -16,9 +16,16 @@
 //!    it was moved elsewhere or has ended). Nothing starts on the node
 //!    before, so no task can be sent to an agent that already runs it.
 //! 3. Any message of an agent counts as a heartbeat. An agent silent for
-//!    `node_timeout` (and one whose connection closes) is lost: its
-//!    connection is closed and its tasks meet step 4; an agent that was
-//!    only slow reconnects and goes through step 2.
+//!    `node_timeout` is lost: its connection is closed and its tasks meet
+//!    step 4; an agent that was only slow reconnects and goes through step
+//!    2. An agent whose connection closes (a network failure, or the agent
+//!    died) is away: its node takes no new task, and its tasks are kept for
+//!    `node_timeout` after it was last heard from. If it connects again by
+//!    then, step 2 keeps the tasks it still runs and loses the others (an
+//!    agent that died and was started again runs none of them); if not,
+//!    the node is lost as a silent one is. A connection that replaces one
+//!    still open (the old one was cut without the server seeing it) makes
+//!    the node away the same way.
 //! 4. A lost task's fate comes from [`restore::fate_of_running`]: a task
 //!    being killed ends as deleted; a rerunnable one is queued again (its
 //!    rerun counted and recorded) while it has been queued again fewer than
@@ -56,10 +63,10 @@ impl CoreLoop {
             }
         };
         if let Some(old) = self.links.get(&node).and_then(|l| l.conn) {
-            warn!(node = %info.hostname, "the agent connected again: its old connection counts as lost");
+            warn!(node = %info.hostname, "the agent connected again: its old connection is closed");
             self.agent_conns.remove(&old);
             self.close(old);
-            self.node_down(node);
+            self.node_away(node);
         }
         info!(node = %info.hostname, cores = info.cores.len(), "agent joined");
         let shape = NodeShape::from_info(&info);
@@ -73,6 +80,7 @@ impl CoreLoop {
             pending_starts: Vec::new(),
             last_heard: Instant::now(),
             joining: Some(shape),
+            away: false,
         };
         self.links.insert(node, link);
         self.agent_conns.insert(conn, node);
@@ -93,12 +101,18 @@ impl CoreLoop {
         }
         let mut adopt = Vec::new();
         let mut kill = Vec::new();
+        let mut kill_again = Vec::new();
         for t in tasks {
             let task = t.task;
             let rec = self.jobs.get(task.seq).and_then(|j| j.tasks.get(&task.index).cloned());
             let here = rec.as_ref().is_some_and(|r| !r.is_finished() && r.node == Some(node));
             if here && self.core.is_running(task) {
-                continue; // started here by this server: kept as it is
+                // Started here by this server: kept as it is, and killed
+                // again if a kill was sent while the agent was away.
+                if let Some(by) = rec.and_then(|r| r.cancelled_by.clone()) {
+                    kill_again.push((task, by));
+                }
+                continue;
             }
             // Adopted: expected here but not known to run (after a restart),
             // or without a record and waiting to start.
@@ -115,6 +129,9 @@ impl CoreLoop {
         self.apply(Event::Rejoined { node, shape, running });
         for t in adopt {
             self.adopted(node, &t);
+        }
+        for (task, by) in kill_again {
+            self.send_to_node(node, &ToAgent::Kill { task, reason: format!("Job deleted by {by}") });
         }
         for task in kill {
             info!(?task, node = node.0, "killing a task that no longer runs there");
@@ -160,18 +177,45 @@ impl CoreLoop {
         }
     }
 
-    /// The node's agent is gone (its connection closed, it fell silent, or
-    /// it connected again): every task there is lost (step 4) and the core
-    /// forgets the node.
+    /// Step 3: the connection of the node's agent closed. A joined node is
+    /// away: it takes no new task, and its tasks wait for the agent to come
+    /// back until `node_timeout` after it was last heard from. A node the
+    /// core does not know yet (its agent had not reported what it runs) is
+    /// down at once.
+    pub(super) fn node_away(&mut self, node: NodeId) {
+        if self.core.resources().shape(node).is_none() {
+            return self.node_down(node);
+        }
+        let Some(link) = self.links.get_mut(&node) else { return };
+        link.conn = None;
+        link.joining = None;
+        // Starts it may not have read are lost with its old life when it
+        // reports what it runs (step 2), or when it does not come back.
+        link.pending_starts.clear();
+        link.away = true;
+        for nodes in self.defined_on.values_mut() {
+            nodes.retain(|&n| n != node);
+        }
+        if let Some(n) = self.node_mut(node) {
+            n.up = false;
+        }
+        self.nodes_changed = true;
+        self.apply(Event::NodeLeft(node));
+    }
+
+    /// The node's agent is gone (it fell silent, stayed away, or its
+    /// connection closed before it reported what it runs): every task
+    /// there is lost (step 4) and the core forgets the node.
     pub(super) fn node_down(&mut self, node: NodeId) {
-        let joined = match self.links.get_mut(&node) {
-            Some(link) => {
-                link.conn = None;
-                link.pending_starts.clear();
-                link.joining.take().is_none()
-            }
-            None => false,
-        };
+        if let Some(link) = self.links.get_mut(&node) {
+            link.conn = None;
+            link.away = false;
+            link.pending_starts.clear();
+            link.joining = None;
+        }
+        // The core knows the node once its agent reported what it runs
+        // (also from an earlier connection, when it was away).
+        let joined = self.core.resources().shape(node).is_some();
         // The next agent there may be a new process: it gets every
         // definition again.
         for nodes in self.defined_on.values_mut() {
@@ -252,6 +296,18 @@ impl CoreLoop {
             self.close(conn);
             self.node_down(node);
         }
+        let gone: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.away && now.duration_since(l.last_heard) >= timeout)
+            .map(|(&n, _)| n)
+            .collect();
+        for node in gone {
+            if let Some(n) = self.nodes.get(&node) {
+                warn!(node = %n.name, timeout_ms = timeout.as_millis() as u64, "agent did not come back: node lost");
+            }
+            self.node_down(node);
+        }
         if self.grace_until.is_some_and(|t| now >= t) {
             self.grace_until = None;
             let unconfirmed: Vec<TaskId> = self.core.unconfirmed().collect();
@@ -267,7 +323,8 @@ impl CoreLoop {
     /// When [`CoreLoop::check_nodes`] has something to do next.
     pub(super) fn next_node_deadline(&self) -> Option<Instant> {
         let timeout = self.node_timeout();
-        let silent = self.links.values().filter(|l| l.conn.is_some()).map(|l| l.last_heard + timeout).min();
+        let silent =
+            self.links.values().filter(|l| l.conn.is_some() || l.away).map(|l| l.last_heard + timeout).min();
         match (silent, self.grace_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -154,6 +154,16 @@ impl Harness {
         self.core.snapshots().load()
     }
 
+    /// The closed connections' agents stayed away for the node timeout:
+    /// the next batch finds their nodes lost.
+    fn agent_stays_away(&mut self) {
+        let timeout = self.core.node_timeout();
+        for link in self.core.links.values_mut().filter(|l| l.away) {
+            link.last_heard = link.last_heard.checked_sub(timeout).expect("a clock past the timeout");
+        }
+        self.batch(Vec::new());
+    }
+
     fn check_counts(&self) {
         assert_eq!(self.core.jobs.counts(), self.core.jobs.recount(), "running totals drifted");
     }
@@ -480,15 +490,17 @@ fn totals_follow_cancels_node_loss_and_purges() {
     h.batch(vec![request(ClientRequest::Cancel(vec![JobRef::Task(array, 6)]))]);
     h.check_counts();
     assert_eq!(h.core.jobs.counts().queued, 3 + 1);
-    // The agent goes: its two running tasks end, the rest run nowhere.
+    // The agent's connection closes: its node is down, its two tasks
+    // wait for it to come back; it does not, and they end, the rest run
+    // nowhere.
     h.batch(vec![Inbound::Closed(AGENT)]);
     h.check_counts();
+    assert_eq!(h.core.jobs.counts().running, 2);
+    assert_eq!(node_states(&h), ["down"]);
+    h.agent_stays_away();
+    h.check_counts();
     assert_eq!(h.core.jobs.counts().running, 0);
-    let status = match h.snapshot().answer(&ClientRequest::Nodes) {
-        Some(ServerReply::Nodes(n)) => n,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(status[0].state, "down");
+    assert_eq!(node_states(&h), ["down"]);
     h.batch(vec![request(ClientRequest::Cancel(vec![JobRef::Array(array), JobRef::Job(single)]))]);
     h.check_counts();
     assert_eq!(h.core.jobs.counts().finished, 2);
@@ -500,6 +512,66 @@ fn totals_follow_cancels_node_loss_and_purges() {
     assert_eq!(h.snapshot().job_count(), 0);
     h.check_counts();
     assert_eq!(h.core.jobs.counts(), Default::default());
+}
+
+fn node_states(h: &Harness) -> Vec<String> {
+    match h.snapshot().answer(&ClientRequest::Nodes) {
+        Some(ServerReply::Nodes(n)) => n.into_iter().map(|n| n.state).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn running(task: TaskId, cpus: Vec<u32>) -> TaskRunning {
+    TaskRunning { task, cpus, gpus: Vec::new() }
+}
+
+#[test]
+fn an_agent_that_reconnects_keeps_the_tasks_it_still_runs() {
+    let mut h = Harness::with_agent(2);
+    let (array, _) = h.submit(spec(Some("1-4")));
+    let started = h.snapshot();
+    let pus = |i: u32| -> Vec<u32> {
+        let info = stat(&started, true).into_iter().find(|j| j.id == format!("{array}[{i}].srv")).unwrap();
+        info.cpus
+    };
+    let (one, two) = (TaskId { seq: array, index: Some(1) }, TaskId { seq: array, index: Some(2) });
+    let (pus1, pus2) = (pus(1), pus(2));
+    h.batch(vec![Inbound::Closed(AGENT)]);
+    // Away: nothing new starts, a kill waits for the agent.
+    h.batch(vec![request(ClientRequest::Cancel(vec![JobRef::Task(array, 2)]))]);
+    assert_eq!(h.core.jobs.counts().running, 2);
+    // Back on a new connection, still running task 1 and task 2; task 2
+    // is killed again, nothing is queued again, and the node takes work.
+    const BACK: ConnId = ConnId(21);
+    let sent = h.batch(join(BACK, node_info(2), vec![running(one, pus1), running(two, pus2)]));
+    assert!(
+        sent.to_agents.iter().any(|(c, m)| *c == BACK && matches!(m, ToAgent::Kill { task, .. } if *task == two)),
+        "{sent:?}"
+    );
+    assert!(starts(&sent).is_empty(), "no core is free: {sent:?}");
+    assert_eq!(node_states(&h), ["up"]);
+    h.check_counts();
+    let sent = h.batch(vec![Inbound::Agent { conn: BACK, msg: AgentMsg::Finished(vec![finished(array, Some(1), 0)]) }]);
+    assert_eq!(starts(&sent), [TaskId { seq: array, index: Some(3) }]);
+    let stat = stat(&h.snapshot(), true);
+    let task1 = stat.iter().find(|j| j.id == format!("{array}[1].srv")).unwrap();
+    assert_eq!(task1.run_count, 1, "ran once: {task1:?}");
+    h.check_counts();
+}
+
+#[test]
+fn an_agent_that_comes_back_without_its_tasks_loses_them_at_once() {
+    let mut h = Harness::with_agent(2);
+    let (array, _) = h.submit(spec(Some("1-2")));
+    h.batch(vec![Inbound::Closed(AGENT)]);
+    assert_eq!(h.core.jobs.counts().running, 2);
+    // A new agent process: it runs none of them. Both are queued again and
+    // start on it.
+    let sent = h.batch(join(ConnId(21), node_info(2), vec![]));
+    let mut again = starts(&sent);
+    again.sort();
+    assert_eq!(again, [TaskId { seq: array, index: Some(1) }, TaskId { seq: array, index: Some(2) }]);
+    h.check_counts();
 }
 
 #[test]

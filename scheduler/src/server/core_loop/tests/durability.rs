@@ -78,6 +78,7 @@ fn history(h: &mut Harness, snapshot_midway: bool) {
     // A job that starts, then loses its node with the agent.
     h.submit(spec(None));
     h.batch(vec![Inbound::Closed(AGENT)]);
+    h.agent_stays_away();
     // Queued with no node; one of them held, then released.
     h.submit(spec(Some("5-9:2")));
     let (released, _) = h.submit(JobSpec { hold: true, ..spec(None) });

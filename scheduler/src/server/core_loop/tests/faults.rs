@@ -113,6 +113,7 @@ fn node_losses_are_retried_up_to_the_limit_then_the_task_fails_saying_why() {
         let sent = h.batch(join(conn, host("node1", 1), vec![]));
         assert_eq!(starts_on(&sent, conn), vec![TaskId { seq, index: None }], "round {round}");
         h.batch(vec![Inbound::Closed(conn)]);
+        h.agent_stays_away();
         h.core.core.sanity_check();
     }
     let job = info(&h, &format!("{seq}.srv"));
@@ -126,6 +127,7 @@ fn node_losses_are_retried_up_to_the_limit_then_the_task_fails_saying_why() {
     let sent = h.batch(join(conn, host("node1", 1), vec![]));
     assert_eq!(starts_on(&sent, conn), vec![TaskId { seq: fixed, index: None }]);
     h.batch(vec![Inbound::Closed(conn)]);
+    h.agent_stays_away();
     let job = info(&h, &format!("{fixed}.srv"));
     assert_eq!((job.exit_status, job.run_count), (Some(EXIT_NEVER_RAN), 1));
     assert!(!job.comment.unwrap().contains("not retried"));
