@@ -141,6 +141,25 @@ impl FairShare {
         self.users.get(&user).map_or(0.0, |a| self.accrue(a, now) / self.inflation(now))
     }
 
+    /// Every known user's decayed usage at `now`, in core-seconds (running
+    /// tasks accrued up to `now`), by uid.
+    pub fn usages(&self, now: Millis) -> Vec<(u32, f64)> {
+        self.users.iter().map(|(&user, a)| (user, self.accrue(a, now) / self.inflation(now))).collect()
+    }
+
+    /// Adds `core_seconds` of usage to `user` as of `now` (usage a restarted
+    /// server read back, already decayed to `now`); the user becomes known.
+    /// Negative or non-finite amounts are ignored.
+    pub fn restore_usage(&mut self, user: u32, core_seconds: f64, now: Millis) {
+        self.accrue_user(user, now);
+        if !core_seconds.is_finite() || core_seconds <= 0.0 {
+            return;
+        }
+        let inflated = core_seconds * self.inflation(now);
+        self.users.get_mut(&user).expect("accrued above").inflated += inflated;
+        self.total.inflated += inflated;
+    }
+
     /// The decayed usage of every user together at `now`, in core-seconds.
     pub fn total_usage(&self, now: Millis) -> f64 {
         self.accrue(&self.total, now) / self.inflation(now)
@@ -205,6 +224,32 @@ mod tests {
         assert!((fs.usage(7, 100 * SEC + h) - at_end / 2.0).abs() < 1e-9);
         assert!((fs.usage(7, 100 * SEC + 2 * h) - at_end / 4.0).abs() < 1e-9);
         fs.sanity_check(100 * SEC + h);
+    }
+
+    #[test]
+    fn restored_usage_decays_and_weighs_like_usage_accrued_here() {
+        let h = 100 * SEC;
+        let mut fs = FairShare::new(h);
+        fs.change_running(1, 2, 0);
+        fs.change_running(1, -2, 50 * SEC);
+        fs.add_user(2, 0);
+        let saved = fs.usages(50 * SEC);
+        assert_eq!(saved.len(), 2);
+        // Read back by a fresh account at another time base.
+        let mut back = FairShare::new(h);
+        for &(user, u) in &saved {
+            back.restore_usage(user, u, 7 * SEC);
+        }
+        assert_eq!(back.users(), 2);
+        let (u1, then) = (saved[0].1, back.usage(1, 7 * SEC));
+        assert!((u1 - then).abs() < 1e-9 * u1, "{u1} vs {then}");
+        assert!((back.usage(1, 7 * SEC + h) - u1 / 2.0).abs() < 1e-9 * u1);
+        assert_eq!(back.usage(2, 7 * SEC), 0.0);
+        assert!((back.factor(1, 7 * SEC) - fs.factor(1, 50 * SEC)).abs() < 1e-12);
+        back.restore_usage(3, f64::NAN, 7 * SEC);
+        back.restore_usage(3, -5.0, 7 * SEC);
+        assert_eq!(back.usage(3, 7 * SEC), 0.0);
+        back.sanity_check(8 * SEC);
     }
 
     #[test]

@@ -646,6 +646,19 @@ impl Core {
         self.fair_share.usage(user, self.now)
     }
 
+    /// Every user's decayed usage in core-seconds at `now` (or the latest
+    /// time seen, if later), by uid: what a restarted server gives back with
+    /// [`Core::restore_usage`].
+    pub fn usages(&self, now: Millis) -> Vec<(u32, f64)> {
+        self.fair_share.usages(now.max(self.now))
+    }
+
+    /// Gives `user` back `core_seconds` of usage as of the latest time seen
+    /// (after a restart of the server, decayed over the time it was away).
+    pub fn restore_usage(&mut self, user: u32, core_seconds: f64) {
+        self.fair_share.restore_usage(user, core_seconds, self.now);
+    }
+
     fn factors_of(&self, job: &Job) -> PriorityFactors {
         job.factors(&self.config, &self.fair_share, self.cluster_cores, self.now)
     }

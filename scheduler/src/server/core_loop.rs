@@ -102,8 +102,16 @@ pub const MAX_BATCH: usize = 4096;
 /// How often finished jobs past `keep_finished` are forgotten.
 const PURGE_EVERY: Duration = Duration::from_secs(10);
 
+/// How often fair-share usage is recorded while tasks run: a crash loses at
+/// most this much of it.
+const USAGE_EVERY: Duration = Duration::from_secs(60);
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The core thread's link to one agent.
@@ -198,6 +206,10 @@ pub struct CoreLoop {
     ended_since_check: bool,
     started: Instant,
     last_purge: Instant,
+    /// When fair-share usage was last recorded.
+    last_usage: Instant,
+    /// A task started since then, or ran when it was recorded: usage grew.
+    usage_grew: bool,
     decisions: Vec<Decision>,
     /// The user whose request is being applied, named in cancel comments.
     acting_user: String,
@@ -284,6 +296,8 @@ impl CoreLoop {
             ended_since_check: false,
             started: Instant::now(),
             last_purge: Instant::now(),
+            last_usage: Instant::now(),
+            usage_grew: false,
             decisions: Vec::new(),
             acting_user: String::new(),
             stopping: false,
@@ -419,7 +433,7 @@ impl CoreLoop {
 
     /// When the next wait times out or the next periodic work is due.
     pub(crate) fn next_deadline(&self) -> Instant {
-        let mut t = self.last_purge + PURGE_EVERY;
+        let mut t = (self.last_purge + PURGE_EVERY).min(self.last_usage + USAGE_EVERY);
         for d in self.waiters.iter().filter_map(|w| w.deadline) {
             t = t.min(d);
         }
@@ -689,6 +703,13 @@ impl CoreLoop {
             j.append(|buf| durable::encode(&LiveChange::ReservedFor { first, next, end, uid }, buf));
             reserved = true;
         }
+        // So does the fair-share usage.
+        let users = self.core.usages(self.started.elapsed().as_millis() as u64);
+        if !users.is_empty() {
+            let usage = LiveChange::Usage { time_ms: unix_now_ms(), users };
+            j.append(|buf| durable::encode(&usage, buf));
+            reserved = true;
+        }
         if reserved {
             if let Err(e) = j.commit().and_then(|t| t.map_or(Ok(()), |t| t.sync())) {
                 self.fail(e);
@@ -730,6 +751,14 @@ impl CoreLoop {
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Records every user's fair-share usage as of now (`Change::Usage`).
+    fn record_usage(&mut self) {
+        let users = self.core.usages(self.now_ms());
+        if !users.is_empty() {
+            self.journal_only(&LiveChange::Usage { time_ms: unix_now_ms(), users });
+        }
     }
 
     // ---- output
@@ -1203,6 +1232,7 @@ impl CoreLoop {
                 let job_id = task.display_with(&self.facts.name);
                 self.record(LiveChange::Started { task, node, cpus: cpus.clone(), time: unix_now() });
                 self.touched.push(task.seq);
+                self.usage_grew = true;
                 if let Some(n) = self.node_mut(node) {
                     n.running.insert(task);
                 }
@@ -1329,6 +1359,15 @@ impl CoreLoop {
                     self.waiters.push(w);
                 }
             }
+        }
+        // Usage is recorded while it grows, and once after it stopped.
+        if now - self.last_usage >= USAGE_EVERY && self.room(REQUEST_SLACK).is_ok() {
+            let runs = self.core.running_tasks() > 0;
+            if runs || self.usage_grew {
+                self.record_usage();
+            }
+            self.last_usage = now;
+            self.usage_grew = runs;
         }
         // Forgetting can wait while the journal has no room for it.
         if now - self.last_purge >= PURGE_EVERY && self.room(REQUEST_SLACK).is_ok() {

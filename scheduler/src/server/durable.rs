@@ -169,6 +169,14 @@ pub(crate) enum Change<E> {
         /// The user it was reserved for.
         uid: u32,
     },
+    /// Every user's fair-share usage: recorded every minute while tasks
+    /// run, and after each snapshot, so that a restart gives it back.
+    Usage {
+        /// When, in Unix milliseconds: the usage decays from then on.
+        time_ms: u64,
+        /// Decayed usage in core-seconds at `time_ms`, by uid.
+        users: Vec<(u32, f64)>,
+    },
 }
 
 /// What a change did: `None` if it found nothing to change; for a
@@ -176,8 +184,8 @@ pub(crate) enum Change<E> {
 pub(crate) type Applied = Option<bool>;
 
 /// Carries out a change on the table (live and on replay alike).
-/// [`Change::NodeJoined`], [`Change::Reserved`] and [`Change::ReservedFor`]
-/// change no job and return `None`.
+/// [`Change::NodeJoined`], [`Change::Reserved`], [`Change::ReservedFor`]
+/// and [`Change::Usage`] change no job and return `None`.
 pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>) -> Applied {
     match change {
         Change::Submitted { seq, spec, user, uid, gid, ctime } => {
@@ -215,7 +223,9 @@ pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>)
             jobs.remove(seqs);
             Some(true)
         }
-        Change::NodeJoined { .. } | Change::Reserved { .. } | Change::ReservedFor { .. } => None,
+        Change::NodeJoined { .. } | Change::Reserved { .. } | Change::ReservedFor { .. } | Change::Usage { .. } => {
+            None
+        }
     }
 }
 
@@ -295,6 +305,9 @@ pub(crate) struct Replayed {
     /// Reservations of job numbers recorded after the snapshot, by first
     /// number, each used up to the last job submitted under it.
     pub(crate) reservations: std::collections::BTreeMap<u64, Reservation>,
+    /// The last fair-share usage recorded (`Change::Usage`): when (Unix
+    /// milliseconds), and each user's.
+    pub(crate) usage: Option<(u64, Vec<(u32, f64)>)>,
 }
 
 /// Rebuilds the job table from what [`journal::open`](super::journal::open) read.
@@ -378,6 +391,7 @@ fn replay_one(out: &mut Replayed, change: &Change<TaskEnd>) {
             out.next_node = out.next_node.max(node.0 + 1);
             out.nodes.insert(*node, name.clone());
         }
+        Change::Usage { time_ms, users } => out.usage = Some((*time_ms, users.clone())),
         _ => {}
     }
     apply(&mut out.jobs, change);

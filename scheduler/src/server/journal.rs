@@ -87,7 +87,9 @@ use crossbeam_channel::{Receiver, Sender};
 /// Version 2 files are read as they are.
 /// 4: segments may record `ReservedFor` (the same, with the client's user
 /// and how far it used them). Version 3 files are read as they are.
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: segments may record `Usage` (fair-share usage by user). Version 4
+/// files are read as they are.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Magic of a segment file.
 const SEGMENT_MAGIC: [u8; 8] = *b"PICLJRNL";

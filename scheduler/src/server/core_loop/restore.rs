@@ -84,6 +84,16 @@ impl CoreLoop {
         }
         self.restore_nodes(&replayed.nodes);
         self.rebuild_core();
+        if let Some((time_ms, users)) = &replayed.usage {
+            // Decayed over the time the server was away.
+            let half_life = self.core.config().usage_half_life;
+            let away = super::unix_now_ms().saturating_sub(*time_ms) as f64;
+            let decay = if half_life == 0 { 1.0 } else { (-away / half_life as f64).exp2() };
+            for &(user, usage) in users {
+                self.core.restore_usage(user, usage * decay);
+            }
+            info!(users = users.len(), "fair-share usage restored");
+        }
         let unconfirmed = self.core.unconfirmed().count();
         if unconfirmed > 0 {
             info!(

@@ -124,7 +124,7 @@ fn a_restart_from_a_snapshot_and_the_journal_shows_every_job_as_it_was() {
 }
 
 #[test]
-fn a_clean_stop_leaves_a_snapshot_and_an_empty_segment() {
+fn a_clean_stop_leaves_a_snapshot_and_a_segment_with_the_usage_alone() {
     let state = tempfile::tempdir().unwrap();
     let mut h = open(state.path());
     history(&mut h, false);
@@ -133,7 +133,9 @@ fn a_clean_stop_leaves_a_snapshot_and_an_empty_segment() {
     drop(h);
     let (recovered, _) = journal::open(state.path(), &jconfig(state.path()).journal).unwrap();
     assert!(recovered.snapshot.is_some());
-    assert!(recovered.segments.iter().all(|(_, _, records)| records.is_empty()), "nothing to replay");
+    let replayed = crate::server::durable::replay(&recovered).unwrap();
+    assert_eq!(replayed.changes, 1, "nothing to replay but the fair-share usage");
+    assert!(replayed.usage.is_some_and(|(_, users)| users.len() == 1));
     drop(recovered);
     let h = open(state.path());
     assert_eq!(stat(&h.snapshot(), true), before);
@@ -333,3 +335,31 @@ fn a_dependency_on_a_task_of_a_failed_array_is_judged_by_that_task() {
     let sent = h.batch(joined(1));
     assert_eq!(starts(&sent), vec![TaskId { seq: d, index: None }]);
 }
+
+#[test]
+fn fair_share_usage_survives_a_crash_and_a_clean_stop() {
+    let state = tempfile::tempdir().unwrap();
+    let mut h = open(state.path());
+    h.batch(joined(2));
+    let (seq, _) = h.submit(spec(None));
+    std::thread::sleep(Duration::from_millis(300));
+    h.batch(vec![report(vec![finished(seq, None, 0)])]);
+    let uid = caller().uid;
+    let before = h.core.core.usage(uid);
+    assert!(before >= 0.29, "one core for 0.3 s: {before}");
+    // Recorded once a minute has passed; then killed.
+    h.core.last_usage -= USAGE_EVERY;
+    h.batch(Vec::new());
+    drop(h);
+    let mut h = open(state.path());
+    let after = h.core.core.usage(uid);
+    assert!((after - before).abs() <= 1e-3 * before, "{before} before the crash, {after} after");
+    // A snapshot carries it too (the segments before it are gone).
+    h.core.snapshot(false);
+    h.core.snapshot(false);
+    drop(h);
+    let h = open(state.path());
+    let again = h.core.core.usage(uid);
+    assert!((again - before).abs() <= 1e-3 * before, "{before} before, {again} after a snapshot");
+}
+
