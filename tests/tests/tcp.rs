@@ -75,7 +75,8 @@ fn node_state(socket: &ServerAddr, name: &str) -> Option<String> {
 
 /// Runs `picloud ARGS` against the server of `head`; its stdout.
 fn picloud(head: &Path, args: &[&str]) -> String {
-    let out = Command::new(picloud_bin()).args(args).current_dir(head).env("PICLOUD_DIR", head).output().unwrap();
+    let out =
+        Command::new(picloud_bin()).args(args).current_dir(head).env("PICLOUD_DIR", head).output().unwrap();
     assert!(out.status.success(), "picloud {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -122,7 +123,8 @@ fn a_job_survives_a_cut_in_its_agents_connection() {
     wait_until("the agent to come back", Duration::from_secs(30), up);
     std::fs::write(head.path().join("go"), "").unwrap();
     picloud(head.path(), &["wait", &id]);
-    let stat: serde_json::Value = serde_json::from_str(&picloud(head.path(), &["stat", "--json", &id])).unwrap();
+    let stat: serde_json::Value =
+        serde_json::from_str(&picloud(head.path(), &["stat", "--json", &id])).unwrap();
     assert_eq!(stat[0]["exit_status"], 0, "{stat}");
     assert_eq!(stat[0]["run_count"], 1, "kept, not queued again: {stat}");
     let ran = std::fs::read_to_string(head.path().join("ran")).unwrap();

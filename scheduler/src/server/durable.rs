@@ -223,9 +223,10 @@ pub(crate) fn apply<E: Borrow<TaskEnd>>(jobs: &mut JobTable, change: &Change<E>)
             jobs.remove(seqs);
             Some(true)
         }
-        Change::NodeJoined { .. } | Change::Reserved { .. } | Change::ReservedFor { .. } | Change::Usage { .. } => {
-            None
-        }
+        Change::NodeJoined { .. }
+        | Change::Reserved { .. }
+        | Change::ReservedFor { .. }
+        | Change::Usage { .. } => None,
     }
 }
 

@@ -545,13 +545,18 @@ fn an_agent_that_reconnects_keeps_the_tasks_it_still_runs() {
     const BACK: ConnId = ConnId(21);
     let sent = h.batch(join(BACK, node_info(2), vec![running(one, pus1), running(two, pus2)]));
     assert!(
-        sent.to_agents.iter().any(|(c, m)| *c == BACK && matches!(m, ToAgent::Kill { task, .. } if *task == two)),
+        sent.to_agents
+            .iter()
+            .any(|(c, m)| *c == BACK && matches!(m, ToAgent::Kill { task, .. } if *task == two)),
         "{sent:?}"
     );
     assert!(starts(&sent).is_empty(), "no core is free: {sent:?}");
     assert_eq!(node_states(&h), ["up"]);
     h.check_counts();
-    let sent = h.batch(vec![Inbound::Agent { conn: BACK, msg: AgentMsg::Finished(vec![finished(array, Some(1), 0)]) }]);
+    let sent = h.batch(vec![Inbound::Agent {
+        conn: BACK,
+        msg: AgentMsg::Finished(vec![finished(array, Some(1), 0)]),
+    }]);
     assert_eq!(starts(&sent), [TaskId { seq: array, index: Some(3) }]);
     let stat = stat(&h.snapshot(), true);
     let task1 = stat.iter().find(|j| j.id == format!("{array}[1].srv")).unwrap();

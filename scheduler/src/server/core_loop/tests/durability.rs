@@ -362,4 +362,3 @@ fn fair_share_usage_survives_a_crash_and_a_clean_stop() {
     let again = h.core.core.usage(uid);
     assert!((again - before).abs() <= 1e-3 * before, "{before} before, {again} after a snapshot");
 }
-
