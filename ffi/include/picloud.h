@@ -667,7 +667,8 @@ int picloud_client_submit_command(struct picloud_client *client,
  * number the server reserved for this client, so a server that went away
  * (a crash, a restart) does not lose it or queue it twice: the client
  * connects again for up to 30 s and sends it again, and the server queues
- * it once. Pipelined submissions of this client
+ * it once. If no server answers within those 30 s, the call fails and the
+ * job may or may not have been queued. Pipelined submissions of this client
  * (`picloud_client_submit_python_async`) are sent and confirmed first.
  *
  * # Safety

@@ -408,19 +408,22 @@ impl Client {
     /// client connects again and sends it again ([`Client::reconnect`]), and
     /// the server queues it once however often it arrives. Pipelined
     /// submissions made before it are sent and answered first.
+    ///
+    /// When the server does not come back within [`RECONNECT_WINDOW`], it
+    /// fails with the connection's error: the job may or may not have been
+    /// queued (under a number the caller never learns). Its outcome is
+    /// never reported as a pipelined submission's ([`Client::take_lost`],
+    /// [`Client::take_answered`]).
     pub fn submit_reserved(&mut self, spec: JobSpec) -> Result<u64, ClientError> {
         let seq = self.reserve_seq()?;
-        self.submit_pipelined(seq, spec)?;
-        let flushed = self.flush_pipelined();
-        if let Some(at) = self.lost.iter().position(|&s| s == seq) {
-            self.lost.swap_remove(at);
-        }
-        flushed?;
-        let at = self.answered.iter().rposition(|(s, _)| *s == seq);
-        match at.map(|at| self.answered.swap_remove(at).1) {
-            Some(Ok(())) => Ok(seq),
-            Some(Err(e)) => Err(ClientError::Server(e)),
-            None => Err(ClientError::Unexpected(format!("no reply to the submission of {seq}"))),
+        let sent = self.submit_pipelined(seq, spec).and_then(|()| self.flush_pipelined());
+        self.lost.retain(|&s| s != seq);
+        let answer = self.answered.iter().rposition(|(s, _)| *s == seq).map(|at| self.answered.remove(at).1);
+        match (answer, sent) {
+            (Some(Ok(())), _) => Ok(seq),
+            (Some(Err(e)), _) => Err(ClientError::Server(e)),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Err(ClientError::Unexpected(format!("no reply to the submission of {seq}"))),
         }
     }
 
@@ -624,6 +627,32 @@ mod tests {
         assert_eq!(c.take_lost(), vec![seq]);
         assert!(c.take_answered().is_empty());
         assert!(!c.unconfirmed_flag().load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_waited_submission_that_could_not_be_sent_again_is_its_callers_alone() {
+        let (l, addr) = listener("waitedlost");
+        let (crashed, told) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            reserve_then_hang_up(&l, &crashed);
+            // The next server refuses the client.
+            let (mut s, _) = l.accept().unwrap();
+            let _: Hello = read_frame(&mut s).unwrap();
+            write_frame(&mut s, &ServerReply::Error(ProtoError::new(ErrorKind::Invalid, "go away"))).unwrap();
+        });
+        let mut c = Client::connect(&addr).unwrap();
+        let first = c.reserve_seq().unwrap();
+        c.submit_pipelined(first, spec()).unwrap();
+        told.recv().unwrap();
+        // Larger than the write buffer: its write fails on the dead
+        // connection, before any flush.
+        let big = JobSpec::new("job", JobCommand::Argv(vec!["x".repeat(256 << 10)]), "/tmp");
+        let err = c.submit_reserved(big).unwrap_err();
+        assert!(matches!(&err, ClientError::Server(e) if e.message == "go away"), "{err:?}");
+        // The pipelined one is reported lost; the waited one failed here.
+        assert_eq!(c.take_lost(), vec![first]);
+        assert!(c.take_answered().is_empty());
+        server.join().unwrap();
     }
 
     /// Reads a `Reserve` and answers it with numbers from `first` on.

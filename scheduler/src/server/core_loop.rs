@@ -340,6 +340,10 @@ impl CoreLoop {
         let t0 = Instant::now();
         let (recovered, journal) = journal::open(&config.state_dir, &config.journal)?;
         let replayed = durable::replay(&recovered)?;
+        // Changes of this version must not go into a segment whose header
+        // says an older one: an older picloud would fail on them instead
+        // of refusing the directory.
+        let older = recovered.last_segment_version().is_some_and(|v| v < journal::FORMAT_VERSION);
         core_loop.last_snapshot = recovered.snapshot_number;
         if let Some((path, offset, bytes)) = &recovered.cut {
             warn!(file = %path.display(), offset, bytes, "cut a torn batch at the end of the journal");
@@ -358,6 +362,10 @@ impl CoreLoop {
         core_loop.restore(replayed);
         core_loop.end_batch();
         core_loop.sync_barrier();
+        if older {
+            info!("the journal was written by an older picloud: starting a new segment with a snapshot");
+            core_loop.snapshot(false);
+        }
         if let Some(e) = core_loop.failed.take() {
             return Err(e);
         }

@@ -657,6 +657,12 @@ impl Recovered {
     pub(crate) fn snapshot_version(&self) -> Option<u32> {
         self.snapshot.as_ref().map(|(_, b, _)| u32_at(b, 8))
     }
+
+    /// The format version of the last segment read (the one the server
+    /// goes on writing to), if it has a header.
+    pub(crate) fn last_segment_version(&self) -> Option<u32> {
+        self.segments.last().filter(|(_, b, _)| b.len() >= 12).map(|(_, b, _)| u32_at(b, 8))
+    }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, JournalError> {

@@ -94,9 +94,12 @@ impl CoreLoop {
         };
         let reported: std::collections::BTreeSet<TaskId> = tasks.iter().map(|t| t.task).collect();
         // Expected here and not reported: lost with the agent's old life.
+        // All of them, if the core knows the node with another shape: the
+        // core loses them with the node it replaces.
+        let reshaped = self.core.resources().shape(node).is_some_and(|s| *s != shape);
         let expected: Vec<TaskId> =
             self.nodes.get(&node).map(|n| n.running.iter().copied().collect()).unwrap_or_default();
-        for task in expected.into_iter().filter(|t| !reported.contains(t)) {
+        for task in expected.into_iter().filter(|t| reshaped || !reported.contains(t)) {
             self.lose_task(task);
         }
         let mut adopt = Vec::new();
@@ -108,7 +111,9 @@ impl CoreLoop {
             let here = rec.as_ref().is_some_and(|r| !r.is_finished() && r.node == Some(node));
             if here && self.core.is_running(task) {
                 // Started here by this server: kept as it is, and killed
-                // again if a kill was sent while the agent was away.
+                // again if a kill was sent while the agent was away. The
+                // agent holds its job's definition (it is told to forget it).
+                self.holds_definition(task.seq, node);
                 if let Some(by) = rec.and_then(|r| r.cancelled_by.clone()) {
                     kill_again.push((task, by));
                 }
@@ -159,6 +164,7 @@ impl CoreLoop {
             self.send_to_node(node, &ToAgent::Kill { task, reason });
             return;
         }
+        self.holds_definition(task.seq, node);
         let recorded = self.jobs.get(task.seq).is_some_and(|j| j.is_running(task.index));
         if !recorded {
             self.record(LiveChange::Started { task, node, cpus: t.cpus.clone(), time: unix_now() });
@@ -177,6 +183,15 @@ impl CoreLoop {
         }
     }
 
+    /// Notes that the agent of `node` holds job `seq`'s definition (it runs
+    /// a task of it), so that it is told to forget it when the job is done.
+    fn holds_definition(&mut self, seq: u64, node: NodeId) {
+        let nodes = self.defined_on.entry(seq).or_default();
+        if !nodes.contains(&node) {
+            nodes.push(node);
+        }
+    }
+
     /// Step 3: the connection of the node's agent closed. A joined node is
     /// away: it takes no new task, and its tasks wait for the agent to come
     /// back until `node_timeout` after it was last heard from. A node the
@@ -184,7 +199,22 @@ impl CoreLoop {
     /// down at once.
     pub(super) fn node_away(&mut self, node: NodeId) {
         if self.core.resources().shape(node).is_none() {
-            return self.node_down(node);
+            if self.grace_until.is_none() {
+                return self.node_down(node);
+            }
+            // After a restart, before its agent reported: the tasks the
+            // journal shows there wait for the grace period (step 5), not
+            // for this connection.
+            if let Some(link) = self.links.get_mut(&node) {
+                link.conn = None;
+                link.joining = None;
+                link.pending_starts.clear();
+            }
+            if let Some(n) = self.node_mut(node) {
+                n.up = false;
+            }
+            self.nodes_changed = true;
+            return;
         }
         let Some(link) = self.links.get_mut(&node) else { return };
         link.conn = None;

@@ -83,9 +83,9 @@ impl CoreLoop {
             self.reservations.orphan(*r, now);
         }
         self.restore_nodes(&replayed.nodes);
-        self.rebuild_core();
         if let Some((time_ms, users)) = &replayed.usage {
-            // Decayed over the time the server was away.
+            // Decayed over the time the server was away; before the jobs,
+            // whose priorities it sets as they are queued.
             let half_life = self.core.config().usage_half_life;
             let away = super::unix_now_ms().saturating_sub(*time_ms) as f64;
             let decay = if half_life == 0 { 1.0 } else { (-away / half_life as f64).exp2() };
@@ -94,6 +94,7 @@ impl CoreLoop {
             }
             info!(users = users.len(), "fair-share usage restored");
         }
+        self.rebuild_core();
         let unconfirmed = self.core.unconfirmed().count();
         if unconfirmed > 0 {
             info!(

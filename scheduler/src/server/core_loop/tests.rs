@@ -565,6 +565,45 @@ fn an_agent_that_reconnects_keeps_the_tasks_it_still_runs() {
 }
 
 #[test]
+fn an_agent_back_from_away_is_told_to_forget_the_jobs_it_kept() {
+    let mut h = Harness::with_agent(1);
+    let (seq, _) = h.submit(spec(None));
+    let task = TaskId { seq, index: None };
+    h.batch(vec![Inbound::Closed(AGENT)]);
+    const BACK: ConnId = ConnId(21);
+    let cpus = stat(&h.snapshot(), false).into_iter().find(|j| j.task == task).unwrap().cpus;
+    h.batch(join(BACK, node_info(1), vec![running(task, cpus)]));
+    let sent =
+        h.batch(vec![Inbound::Agent { conn: BACK, msg: AgentMsg::Finished(vec![finished(seq, None, 0)]) }]);
+    assert!(
+        sent.to_agents
+            .iter()
+            .any(|(c, m)| *c == BACK && matches!(m, ToAgent::Forget { seq: s } if *s == seq)),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_node_back_with_another_shape_does_not_keep_tasks_on_the_old_one() {
+    let mut h = Harness::with_agent(2);
+    h.submit(spec(Some("1-2")));
+    let cpus: Vec<(TaskId, Vec<u32>)> = stat(&h.snapshot(), true)
+        .into_iter()
+        .filter(|j| j.task.index.is_some())
+        .map(|j| (j.task, j.cpus))
+        .collect();
+    assert_eq!(cpus.len(), 2);
+    h.batch(vec![Inbound::Closed(AGENT)]);
+    // The same host with four cores now, still running both.
+    let back = cpus.iter().map(|(t, c)| running(*t, c.clone())).collect();
+    h.batch(join(ConnId(21), node_info(4), back));
+    h.core.core.sanity_check();
+    h.check_counts();
+    assert_eq!(h.core.core.running_tasks(), 2, "taken back on the new shape");
+    assert_eq!(h.core.core.free_cores(), 2);
+}
+
+#[test]
 fn an_agent_that_comes_back_without_its_tasks_loses_them_at_once() {
     let mut h = Harness::with_agent(2);
     let (array, _) = h.submit(spec(Some("1-2")));

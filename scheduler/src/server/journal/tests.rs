@@ -41,6 +41,32 @@ fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// Sets the format version in the header of segment `n` (its checksum
+/// made to match), as an older picloud would have written it.
+pub(crate) fn set_segment_version(state: &Path, n: u64, version: u32) {
+    let path = segment_path(&journal_dir(state), n);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&version.to_le_bytes());
+    let c = crc(&[&bytes[0..32]]);
+    bytes[32..36].copy_from_slice(&c.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+}
+
+/// Every segment's number and the format version in its header.
+pub(crate) fn segment_versions(state: &Path) -> Vec<(u64, u32)> {
+    let dir = journal_dir(state);
+    let mut found: Vec<(u64, u32)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| match classify(e.ok()?.file_name().to_str()?) {
+            Some(FileKind::Segment(n)) => Some(n),
+            _ => None,
+        })
+        .map(|n| (n, u32_at(&std::fs::read(segment_path(&dir, n)).unwrap(), 8)))
+        .collect();
+    found.sort_unstable();
+    found
+}
+
 fn seg1(state: &Path) -> PathBuf {
     segment_path(&journal_dir(state), 1)
 }

@@ -362,3 +362,73 @@ fn fair_share_usage_survives_a_crash_and_a_clean_stop() {
     let again = h.core.core.usage(uid);
     assert!((again - before).abs() <= 1e-3 * before, "{before} before, {again} after a snapshot");
 }
+
+#[test]
+fn a_journal_of_an_older_version_goes_on_in_a_new_segment() {
+    let state = tempfile::tempdir().unwrap();
+    let mut h = open(state.path());
+    let (seq, _) = h.submit(spec(None));
+    drop(h);
+    let last = journal::tests::segment_versions(state.path()).last().unwrap().0;
+    journal::tests::set_segment_version(state.path(), last, journal::FORMAT_VERSION - 1);
+    let mut h = open(state.path());
+    assert_eq!(state_of(&h.snapshot(), &format!("{seq}.srv")), JobState::Queued);
+    h.submit(spec(None));
+    // What this version writes is in a segment of this version, after a
+    // snapshot: an older picloud refuses the directory instead of failing
+    // on a change it does not know.
+    let versions = journal::tests::segment_versions(state.path());
+    assert_eq!(versions.last(), Some(&(last + 1, journal::FORMAT_VERSION)), "{versions:?}");
+    assert_eq!(h.core.last_snapshot, Some(last + 1));
+}
+
+#[test]
+fn restored_usage_orders_the_restored_queue() {
+    let state = tempfile::tempdir().unwrap();
+    let mut h = open(state.path());
+    h.batch(joined(1));
+    let (ran, _) = h.submit(spec(None));
+    std::thread::sleep(Duration::from_millis(100));
+    h.batch(vec![report(vec![finished(ran, None, 0)])]);
+    h.core.last_usage -= USAGE_EVERY;
+    h.batch(vec![Inbound::Closed(AGENT)]);
+    h.agent_stays_away();
+    // Queued with no node: alice's job first, then bob's.
+    let (alices, _) = h.submit(spec(None));
+    let bob = Caller { uid: 1001, gid: 1001, user: "bob".into() };
+    let sent = h.batch(vec![Inbound::Request {
+        conn: CLIENT,
+        caller: bob,
+        request: ClientRequest::Submit(Box::new(spec(None))),
+    }]);
+    let bobs = match &sent.replies[..] {
+        [(ServerReply::Submitted { seq, .. }, _)] => *seq,
+        other => panic!("{other:?}"),
+    };
+    drop(h);
+    // Alice has used the cluster and bob has not: his job goes first, from
+    // the restart on.
+    let h = open(state.path());
+    assert!(h.core.core.usage(caller().uid) > 0.0);
+    assert_eq!(h.core.core.queue_order().collect::<Vec<_>>(), [bobs, alices]);
+}
+
+#[test]
+fn after_a_restart_an_agent_that_drops_before_its_report_does_not_lose_its_tasks() {
+    let state = tempfile::tempdir().unwrap();
+    let mut h = open(state.path());
+    h.batch(joined(1));
+    let (seq, _) = h.submit(spec(None));
+    let task = TaskId { seq, index: None };
+    let cpus = stat(&h.snapshot(), false).into_iter().find(|j| j.task == task).unwrap().cpus;
+    drop(h);
+    let mut h = open(state.path());
+    // Its first connection breaks before it says what it runs: the task
+    // waits for the grace period, and the next connection keeps it.
+    h.batch(vec![Inbound::AgentJoined { conn: AGENT, info: node_info(1) }, Inbound::Closed(AGENT)]);
+    assert_eq!(state_of(&h.snapshot(), &format!("{seq}.srv")), JobState::Running);
+    h.batch(join(ConnId(21), node_info(1), vec![TaskRunning { task, cpus, gpus: Vec::new() }]));
+    assert!(h.core.core.is_running(task));
+    let job = stat(&h.snapshot(), false).into_iter().find(|j| j.task == task).unwrap();
+    assert_eq!(job.run_count, 1, "{job:?}");
+}
