@@ -208,30 +208,31 @@ fn a_clean_stop_and_start_keeps_finished_jobs_and_results() {
     assert_eq!(std::fs::read_to_string(site.work.join(format!("hello.o{}", seq_of(&id)))).unwrap(), "hi\n");
 }
 
-/// A client in the middle of a burst of pipelined submissions (the Python
-/// client's `call`) when the server is killed: it connects to the next
-/// server and sends again what was not confirmed, which queues each job
-/// once, also one the killed server had queued, and a connection left
-/// idle across a restart names no job by its old numbers.
+/// A job in the site's work directory that appends `name` and its job id
+/// to `lines`.
+fn line_job(work: &str, name: &str) -> picloud_proto::JobSpec {
+    use picloud_proto::{JobCommand, JobSpec, JoinStreams};
+    JobSpec {
+        stdout: Some("/dev/null".into()),
+        join: JoinStreams::IntoOut,
+        env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
+        ..JobSpec::new(
+            name,
+            JobCommand::Argv(vec!["sh".into(), "-c".into(), format!("echo {name} $PBS_JOBID >> lines")]),
+            work,
+        )
+    }
+}
+
 #[test]
 fn waited_submissions_across_a_killed_server_are_queued_once_each() {
     // `submit_reserved` (what libpicloud's Python submissions use) waits for
     // its reply; when the server is gone it connects again and sends the
     // job again under its reserved number.
-    use picloud_proto::{JobCommand, JobSpec, JoinStreams};
     let mut site = Site::new(&[]);
     site.start();
     let work = site.work.to_str().unwrap().to_string();
-    let job = move |i: usize| JobSpec {
-        stdout: Some("/dev/null".into()),
-        join: JoinStreams::IntoOut,
-        env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
-        ..JobSpec::new(
-            "w",
-            JobCommand::Argv(vec!["sh".into(), "-c".into(), format!("echo w{i} $PBS_JOBID >> lines")]),
-            work.as_str(),
-        )
-    };
+    let job = move |i: usize| line_job(&work, &format!("w{i}"));
     let mut c = Client::connect(&site.addr()).unwrap();
     let mut seqs: Vec<u64> = (0..20).map(|i| c.submit_reserved(job(i)).unwrap()).collect();
     // Killed between two submissions: the next one finds the connection
@@ -261,22 +262,17 @@ fn waited_submissions_across_a_killed_server_are_queued_once_each() {
     assert_eq!(lines.len(), 40, "{lines:?}");
 }
 
+/// A client in the middle of a burst of pipelined submissions (the Python
+/// client's `call`) when the server is killed: it connects to the next
+/// server and sends again what was not confirmed, which queues each job
+/// once, also one the killed server had queued, and a connection left
+/// idle across a restart names no job by its old numbers.
 #[test]
 fn pipelined_submissions_across_a_killed_server_are_queued_once_each() {
-    use picloud_proto::{JobCommand, JobSpec, JoinStreams};
     let mut site = Site::new(&[]);
     site.start();
     let work = site.work.to_str().unwrap().to_string();
-    let job = |i: usize| JobSpec {
-        stdout: Some("/dev/null".into()),
-        join: JoinStreams::IntoOut,
-        env: vec![("PATH".into(), std::env::var("PATH").unwrap())],
-        ..JobSpec::new(
-            "p",
-            JobCommand::Argv(vec!["sh".into(), "-c".into(), format!("echo p{i} $PBS_JOBID >> lines")]),
-            work.as_str(),
-        )
-    };
+    let job = |i: usize| line_job(&work, &format!("p{i}"));
     let mut c = Client::connect(&site.addr()).unwrap();
     let mut seqs = Vec::new();
     const N: usize = 300;
