@@ -205,24 +205,25 @@ impl CoreLoop {
             // After a restart, before its agent reported: the tasks the
             // journal shows there wait for the grace period (step 5), not
             // for this connection.
-            if let Some(link) = self.links.get_mut(&node) {
-                link.conn = None;
-                link.joining = None;
-                link.pending_starts.clear();
-            }
-            if let Some(n) = self.node_mut(node) {
-                n.up = false;
-            }
-            self.nodes_changed = true;
-            return;
+            return self.detach(node, false);
         }
-        let Some(link) = self.links.get_mut(&node) else { return };
-        link.conn = None;
-        link.joining = None;
         // Starts it may not have read are lost with its old life when it
         // reports what it runs (step 2), or when it does not come back.
-        link.pending_starts.clear();
-        link.away = true;
+        self.detach(node, true);
+        self.apply(Event::NodeLeft(node));
+    }
+
+    /// Forgets the node's connection (`away`: its tasks wait for it to
+    /// come back) and the starts not sent on it; the node shows as down.
+    /// The next agent there may be a new process: it gets every definition
+    /// again.
+    fn detach(&mut self, node: NodeId, away: bool) {
+        if let Some(link) = self.links.get_mut(&node) {
+            link.conn = None;
+            link.away = away;
+            link.joining = None;
+            link.pending_starts.clear();
+        }
         for nodes in self.defined_on.values_mut() {
             nodes.retain(|&n| n != node);
         }
@@ -230,36 +231,22 @@ impl CoreLoop {
             n.up = false;
         }
         self.nodes_changed = true;
-        self.apply(Event::NodeLeft(node));
     }
 
     /// The node's agent is gone (it fell silent, stayed away, or its
     /// connection closed before it reported what it runs): every task
     /// there is lost (step 4) and the core forgets the node.
     pub(super) fn node_down(&mut self, node: NodeId) {
-        if let Some(link) = self.links.get_mut(&node) {
-            link.conn = None;
-            link.away = false;
-            link.pending_starts.clear();
-            link.joining = None;
-        }
+        self.detach(node, false);
         // The core knows the node once its agent reported what it runs
         // (also from an earlier connection, when it was away).
         let joined = self.core.resources().shape(node).is_some();
-        // The next agent there may be a new process: it gets every
-        // definition again.
-        for nodes in self.defined_on.values_mut() {
-            nodes.retain(|&n| n != node);
-        }
         if joined {
             // No task of it may start there again while its tasks are lost.
             self.apply(Event::NodeLeft(node));
         }
         let running: Vec<TaskId> = match self.node_mut(node) {
-            Some(n) => {
-                n.up = false;
-                std::mem::take(&mut n.running).into_iter().collect()
-            }
+            Some(n) => std::mem::take(&mut n.running).into_iter().collect(),
             None => Vec::new(),
         };
         for task in running {
