@@ -14,7 +14,7 @@
 //! reading it, and were most of the agent's work per task.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -67,15 +67,34 @@ pub(super) struct PythonSide {
 /// has loaded the function for one job (say one `cloud.call`) does not
 /// unpickle it again for the next: the loaded function object is reused, as
 /// it is between the tasks of one map. A pickle is hashed once per job; each
-/// distinct one is kept once while a job uses it.
+/// distinct one is kept once while a job uses it, and the last
+/// [`IDLE_FUNCTIONS`] that no job uses any more keep their keys too: a loop
+/// of `cloud.call`s, whose every job is forgotten before the next one
+/// arrives, keeps one key.
 #[derive(Debug, Default)]
 struct FunctionKeys {
-    /// Key and number of jobs using it, by pickle.
-    keys: HashMap<Arc<[u8]>, (u64, usize)>,
+    /// Key, number of jobs using it, and when it was last released (an
+    /// `idle` generation), by pickle.
+    keys: HashMap<Arc<[u8]>, FunctionKey>,
     /// Each job's key and pickle.
     jobs: HashMap<u64, (u64, Arc<[u8]>)>,
+    /// Pickles that no job used when they were released, oldest first, with
+    /// the generation of that release (an entry is stale when the pickle was
+    /// used and released again since).
+    idle: VecDeque<(Arc<[u8]>, u64)>,
     next: u64,
+    generation: u64,
 }
+
+#[derive(Debug)]
+struct FunctionKey {
+    key: u64,
+    jobs: usize,
+    released: u64,
+}
+
+/// Most function pickles that no job uses kept under their keys.
+const IDLE_FUNCTIONS: usize = 32;
 
 impl FunctionKeys {
     /// The key of job `seq`'s function `pickle`.
@@ -88,24 +107,33 @@ impl FunctionKeys {
             None => {
                 self.next += 1;
                 let shared: Arc<[u8]> = Arc::from(pickle);
-                self.keys.insert(Arc::clone(&shared), (self.next, 0));
+                self.keys.insert(Arc::clone(&shared), FunctionKey { key: self.next, jobs: 0, released: 0 });
                 shared
             }
         };
         let entry = self.keys.get_mut(&shared).expect("inserted above");
-        entry.1 += 1;
-        let key = entry.0;
+        entry.jobs += 1;
+        let key = entry.key;
         self.jobs.insert(seq, (key, shared));
         key
     }
 
-    /// Job `seq` is gone: its pickle is dropped once no job uses it.
+    /// Job `seq` is gone: once no job uses its pickle, the pickle is idle,
+    /// and the oldest idle one beyond [`IDLE_FUNCTIONS`] is dropped.
     fn forget(&mut self, seq: u64) {
         let Some((_, pickle)) = self.jobs.remove(&seq) else { return };
-        if let Some(entry) = self.keys.get_mut(&pickle) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
-                self.keys.remove(&pickle);
+        let Some(entry) = self.keys.get_mut(&pickle) else { return };
+        entry.jobs -= 1;
+        if entry.jobs > 0 {
+            return;
+        }
+        self.generation += 1;
+        entry.released = self.generation;
+        self.idle.push_back((pickle, self.generation));
+        while self.idle.len() > IDLE_FUNCTIONS {
+            let (oldest, released) = self.idle.pop_front().expect("longer than the bound");
+            if self.keys.get(&oldest).is_some_and(|e| e.jobs == 0 && e.released == released) {
+                self.keys.remove(&oldest);
             }
         }
     }
@@ -744,7 +772,7 @@ mod tests {
     use std::process::{Command, Stdio};
 
     #[test]
-    fn equal_pickles_share_a_key_until_no_job_uses_it() {
+    fn equal_pickles_share_a_key_while_used_or_recently_used() {
         let mut keys = FunctionKeys::default();
         let (f, g) = (b"pickle of f".as_slice(), b"pickle of g".as_slice());
         let a = keys.key(1, f);
@@ -757,10 +785,39 @@ mod tests {
         keys.forget(2);
         keys.forget(4);
         keys.forget(4);
-        assert!(!keys.keys.contains_key(f), "no job uses it: dropped");
-        let again = keys.key(5, f);
-        assert!(again != a && again != b, "a new key, never one a worker may still cache for another pickle");
+        assert_eq!(keys.key(5, f), a, "no job uses it, but it was used last: the same key");
         assert_eq!(keys.key(3, g), b);
+    }
+
+    #[test]
+    fn only_the_latest_idle_pickles_keep_their_keys() {
+        let mut keys = FunctionKeys::default();
+        let pickles: Vec<Vec<u8>> =
+            (0..=IDLE_FUNCTIONS).map(|i| format!("pickle {i}").into_bytes()).collect();
+        let first = keys.key(0, &pickles[0]);
+        // Used, released, used and released again: one idle entry is stale.
+        keys.forget(0);
+        assert_eq!(keys.key(1, &pickles[0]), first);
+        keys.forget(1);
+        let mut seq = 2;
+        for p in &pickles[1..] {
+            keys.key(seq, p);
+            keys.forget(seq);
+            seq += 1;
+        }
+        // IDLE_FUNCTIONS + 1 distinct pickles went idle: the oldest is gone.
+        assert!(!keys.keys.contains_key(pickles[0].as_slice()), "the oldest idle pickle is dropped");
+        assert_eq!(keys.keys.len(), IDLE_FUNCTIONS);
+        let again = keys.key(seq, &pickles[0]);
+        assert!(again > first, "a new key, never one a worker may still cache for another pickle");
+        // One in use is never dropped, however many go idle after it.
+        keys.key(seq + 1, b"in use");
+        for i in 0..2 * IDLE_FUNCTIONS as u64 {
+            keys.key(seq + 2 + i, format!("other {i}").as_bytes());
+            keys.forget(seq + 2 + i);
+        }
+        assert!(keys.keys.contains_key(b"in use".as_slice()));
+        assert!(keys.keys.len() <= IDLE_FUNCTIONS + 2);
     }
 
     #[test]
