@@ -375,6 +375,13 @@ def decode(data, map_segment=None):
     out-of-band buffers reach ``pickle.loads`` as memoryviews of it, without
     a copy.
     """
+    # The usual case, no out-of-band buffer: the header is read here rather
+    # than by the general parser, which costs more than unpickling a small
+    # value.
+    kind = type(data)
+    if (kind is bytes or kind is memoryview and data.format == "B" and data.ndim == 1) and len(data) >= 8 \
+            and data[:4] == _NO_BUFFERS and _U32.unpack_from(data, 4)[0] == len(data) - 8:
+        return pickle.loads(memoryview(data)[8:])
     entries, pickled = _parse(data)
     if not entries:
         return pickle.loads(pickled)

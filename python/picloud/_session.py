@@ -261,6 +261,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def session():
     """The process's session, connecting (or starting a local cluster) on first use."""
     global _session
+    s = _session
+    if s is not None:
+        return s
     with _session_lock:
         if _session is None:
             _session = Session()

@@ -23,6 +23,18 @@ from . import _ffi, _fncache, _payload
 from ._ffi import check, cstr, ffi, lib
 from ._session import session
 
+# C types looked up once: ffi.new("...") parses its type string on each call.
+_T_CALL = ffi.typeof("picloud_python_call *")
+_CALL_SIZE = ffi.sizeof("picloud_python_call")
+_T_BYTES_ARRAY = ffi.typeof("picloud_bytes[]")
+_T_U64_OUT = ffi.typeof("uint64_t *")
+_T_U64_ARRAY = ffi.typeof("uint64_t[]")
+_T_RESULTS_OUT = ffi.typeof("picloud_results **")
+_T_RESULT = ffi.typeof("picloud_task_result *")
+_RESULT_SIZE = ffi.sizeof("picloud_task_result")
+_T_SIZE_OUT = ffi.typeof("size_t *")
+_T_CHARS = ffi.typeof("char *")
+
 #: Exit status of a job killed (deleted) before or while it ran.
 EXIT_KILLED = 265
 #: Exit status of a job that never ran (e.g. its dependency failed).
@@ -199,6 +211,8 @@ def _encode_args(s, args, kwargs, segments, where=""):
 
 
 def _split_reserved(kwargs):
+    if not kwargs:
+        return {}
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in _RESERVED}
     unknown = [k for k in kwargs if k.startswith("_") and k not in _RESERVED]
     if unknown:
@@ -323,8 +337,8 @@ def _submit(s, function, arg_blobs, segments, options, name, pipelined=False, ar
     raised by the first call that names the job). ``array``: an array job
     even with one task (a map's are, so that its jids name task 0)."""
     keep = []
-    call = ffi.new("picloud_python_call *")
-    call.struct_size = ffi.sizeof("picloud_python_call")
+    call = ffi.new(_T_CALL)
+    call.struct_size = _CALL_SIZE
     call.kill_process = 1 if options.get("_kill_process") else 0
     call.array = 1 if array else 0
     interpreter = _cached_cstr(sys.executable)
@@ -334,7 +348,7 @@ def _submit(s, function, arg_blobs, segments, options, name, pipelined=False, ar
     call.sys_path, call.sys_path_len = sys_path[1], len(sys_path[0])
     fn = ffi.from_buffer(function)
     call.function.data, call.function.len = fn, len(function)
-    args = ffi.new("picloud_bytes[]", len(arg_blobs))
+    args = ffi.new(_T_BYTES_ARRAY, len(arg_blobs))
     for i, blob in enumerate(arg_blobs):
         buf = ffi.from_buffer(blob)
         keep.append(buf)
@@ -344,7 +358,7 @@ def _submit(s, function, arg_blobs, segments, options, name, pipelined=False, ar
     name_arr = ffi.new("const char *[]", names) if names else ffi.NULL
     call.segments, call.segments_len = name_arr, len(names)
     opts = _options(options, name)
-    seq = ffi.new("uint64_t *")
+    seq = ffi.new(_T_U64_OUT)
     if pipelined:
         check(lib.picloud_client_submit_python_async(s.pipelining_client(), call, opts.c, seq))
     else:
@@ -557,34 +571,35 @@ def _fetch_task(s, seq, index):
 def _unpack(handle):
     """``(seq, task)`` for each task in a ``picloud_results``, which is then freed."""
     results = ffi.gc(handle, lib.picloud_results_free)
-    n = ffi.new("size_t *")
+    n = ffi.new(_T_SIZE_OUT)
     check(lib.picloud_results_len(results, n))
     tasks = []
-    r = ffi.new("picloud_task_result *")
-    name = ffi.new("char **")
+    r = ffi.new(_T_RESULT)
+    unpack, cast = ffi.unpack, ffi.cast
     for i in range(n[0]):
-        r.struct_size = ffi.sizeof("picloud_task_result")
+        r.struct_size = _RESULT_SIZE
         check(lib.picloud_results_get(results, i, r))
         t = _Task()
         t.state = r.state
         t.exit_status = r.exit_status if r.has_exit_status else None
         t.outcome = r.outcome
         t.comment = _string(r.comment, r.comment_len)
-        t.value = ffi.unpack(ffi.cast("char *", r.value), r.value_len) if r.value_len else b""
+        t.value = unpack(cast(_T_CHARS, r.value), r.value_len) if r.value_len else b""
         t.error = _string(r.error, r.error_len)
         t.traceback = _string(r.traceback, r.traceback_len)
-        t.stdout = _string(ffi.cast("char *", r.stdout_data), r.stdout_len)
-        t.stderr = _string(ffi.cast("char *", r.stderr_data), r.stderr_len)
+        t.stdout = _string(cast(_T_CHARS, r.stdout_data), r.stdout_len) if r.stdout_len else ""
+        t.stderr = _string(cast(_T_CHARS, r.stderr_data), r.stderr_len) if r.stderr_len else ""
         t.node = _string(r.node, r.node_len)
         t.id = _string(r.id, r.id_len)
         t.cput_ms, t.walltime_ms, t.mem = r.cput_ms, r.walltime_ms, r.mem_bytes
         t.segments = []
-        for j in range(r.segments_len):
-            check(lib.picloud_results_segment(results, i, j, ffi.cast("const char **", name)))
-            t.segments.append(ffi.string(name[0]).decode())
+        if r.segments_len:
+            name = ffi.new("char **")
+            for j in range(r.segments_len):
+                check(lib.picloud_results_segment(results, i, j, ffi.cast("const char **", name)))
+                t.segments.append(ffi.string(name[0]).decode())
         tasks.append((r.seq, t))
     return tasks
-
 
 
 def _tasks(s, seq):
@@ -616,8 +631,8 @@ def _wait_results(s, seqs, timeout):
         missing = [seq for seq in dict.fromkeys(seqs) if seq not in s.ended]
     if not missing:
         return
-    arr = ffi.new("uint64_t[]", missing)
-    out = ffi.new("picloud_results **")
+    arr = ffi.new(_T_U64_ARRAY, missing)
+    out = ffi.new(_T_RESULTS_OUT)
     _sliced(timeout, len(missing), lambda ms: lib.picloud_client_wait_results(
         s.client(), arr, len(missing), ms, lib.PICLOUD_WAIT_ALL, ffi.NULL, out))
     by_seq = {}
@@ -810,6 +825,12 @@ def result(jids, timeout=None, ignore_errors=False):
     A job that failed raises :class:`CloudException`, or with
     ``ignore_errors=True`` is returned as one. ``timeout`` (seconds) raises
     :class:`CloudTimeoutError`; the jobs go on."""
+    if type(jids) is Jid and jids.index is None:
+        # One call, the commonest case, without the list machinery below.
+        s = session()
+        seq = jids.seq
+        _wait_results(s, (seq,), timeout)
+        return _value(s, jids, _tasks(s, seq)[0], ignore_errors)
     jids, single = _as_list(jids)
     s = session()
     _wait_with_progress(s, jids, timeout)

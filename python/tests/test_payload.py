@@ -175,6 +175,17 @@ def test_decode_rejects_malformed_data():
         P.decode(data, small.__getitem__)
 
 
+def test_decode_takes_any_buffer_of_the_encoding():
+    data, _ = P.encode({"a": [1, 2.5, "x"]})
+    for form in (data, bytearray(data), memoryview(data), memoryview(data).toreadonly()):
+        assert P.decode(form) == {"a": [1, 2.5, "x"]}
+    # A header that claims more or fewer bytes than there are is malformed,
+    # however the buffer is given.
+    for bad in (data[:-1], memoryview(data)[:-1], data + b"\0", memoryview(data + b"\0")):
+        with pytest.raises(ValueError):
+            P.decode(bad)
+
+
 def test_decode_args_checks_its_shape():
     data, _ = P.encode([1, 2])
     with pytest.raises(TypeError, match="not an \\(args tuple, kwargs dict\\)"):
