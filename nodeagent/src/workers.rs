@@ -516,10 +516,24 @@ impl WorkerPool {
 /// that does not fill the buffer: callers poll, level-triggered, and come
 /// back for the rest), passing it to `push`; returns whether the stream
 /// ended (the peer closed it).
-pub(crate) fn read_available(fd: BorrowedFd<'_>, mut push: impl FnMut(&[u8])) -> Result<bool, Errno> {
-    let mut buf = [0u8; 64 * 1024];
+pub(crate) fn read_available(fd: BorrowedFd<'_>, push: impl FnMut(&[u8])) -> Result<bool, Errno> {
+    READ_BUFFER.with_borrow_mut(|buf| read_available_into(fd, buf, push))
+}
+
+thread_local! {
+    /// The buffer of [`read_available`], zeroed once per thread rather than
+    /// before every read (64 KiB of zeroes per read cost more than the read
+    /// of a short message, and pushed the caller's data out of the cache).
+    static READ_BUFFER: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0; 64 * 1024].into_boxed_slice());
+}
+
+fn read_available_into(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut push: impl FnMut(&[u8]),
+) -> Result<bool, Errno> {
     loop {
-        match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
             Ok(0) => return Ok(true),
             // A short read emptied the socket for now; `poll` says when
             // more comes (a read until EAGAIN would cost one more call).

@@ -94,15 +94,23 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, FrameError> {
 
 /// Incremental frame decoder for non-blocking streams.
 ///
-/// Bytes are appended with [`FrameReader::buffer_mut`]-style reads through
-/// [`FrameReader::read_from`]; complete payloads are taken with
+/// Bytes are read straight into its buffer by [`FrameReader::read_from`]
+/// (or appended with [`FrameReader::push`]); complete payloads are taken with
 /// [`FrameReader::next_payload`]. An oversized length is reported as soon as
 /// its 4 bytes arrive, before any of the payload is buffered.
 #[derive(Debug, Default)]
 pub struct FrameReader {
+    /// Received bytes in `start..end`; the rest is room for the next reads,
+    /// zeroed once when the buffer grows rather than before every read.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
+
+/// The buffer's first size, and what it grows by at least.
+const READ_CHUNK: usize = 64 * 1024;
+/// The least room a read is offered.
+const MIN_READ_ROOM: usize = 4 * 1024;
 
 impl FrameReader {
     /// A reader with an empty buffer.
@@ -113,11 +121,11 @@ impl FrameReader {
     /// Reads what `r` has available until it would block. Returns `Ok(false)`
     /// when the stream reached its end.
     pub fn read_from(&mut self, r: &mut impl Read) -> io::Result<bool> {
-        let mut chunk = [0u8; 64 * 1024];
         loop {
-            match r.read(&mut chunk) {
+            self.make_room(MIN_READ_ROOM);
+            match r.read(&mut self.buf[self.end..]) {
                 Ok(0) => return Ok(false),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -127,13 +135,14 @@ impl FrameReader {
 
     /// Appends bytes directly (for tests and for callers that read themselves).
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        self.make_room(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
     }
 
     /// Returns the next complete payload, `Ok(None)` if more bytes are needed.
     pub fn next_payload(&mut self) -> Result<Option<&[u8]>, FrameError> {
-        self.compact();
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         if avail.len() < 4 {
             return Ok(None);
         }
@@ -152,21 +161,35 @@ impl FrameReader {
     /// The next complete payload, left in place for [`FrameReader::next_payload`]
     /// (None when it is incomplete or too large).
     pub fn peek_payload(&self) -> Option<&[u8]> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         let len = u32::from_le_bytes(avail.get(..4)?.try_into().expect("4 bytes")) as usize;
         avail.get(4..4 + len.min(MAX_FRAME_LEN + 1)).filter(|p| p.len() == len)
     }
 
     /// Whether bytes of an incomplete frame are buffered.
     pub fn has_partial(&self) -> bool {
-        self.buf.len() > self.start
+        self.end > self.start
     }
 
-    /// Drops consumed bytes once they dominate the buffer.
-    fn compact(&mut self) {
-        if self.start > 0 && self.start * 2 >= self.buf.len() {
-            self.buf.drain(..self.start);
+    /// Makes room for at least `want` more bytes (and [`READ_CHUNK`] when the
+    /// buffer is new or full): consumed bytes are dropped first (the bytes
+    /// kept move to the front), then the buffer grows.
+    fn make_room(&mut self, want: usize) {
+        if self.start == self.end {
             self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let need = self.end + want.max(READ_CHUNK);
+        if self.buf.len() < need {
+            self.buf.resize(need.max(self.buf.len() * 2), 0);
         }
     }
 }
@@ -246,6 +269,57 @@ mod tests {
             assert!(got.iter().enumerate().all(|(i, (n, v))| *n == i as u32 && v.len() == i));
             assert!(!fr.has_partial());
         }
+    }
+
+    /// A reader that hands out `data` in pieces of at most `piece` bytes,
+    /// then would block.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        piece: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.data.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = self.piece.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reads_keep_frames_whole_across_compaction_and_growth() {
+        // Frames of every size from empty to twice the first buffer, read in
+        // pieces that do not line up with them, taken a few reads at a time:
+        // consumed bytes are dropped and kept ones moved to the front while a
+        // frame is incomplete.
+        let sizes: Vec<usize> = (0..40).map(|i| (i * 3_331) % (2 * READ_CHUNK + 7)).collect();
+        let mut wire = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            encode_into(&vec![i as u8; n], &mut wire);
+        }
+        for piece in [5usize, 4_093, 70_000] {
+            let mut fr = FrameReader::new();
+            let mut got = Vec::new();
+            for slice in wire.chunks(150_001) {
+                let mut src = Trickle { data: slice, piece };
+                assert!(fr.read_from(&mut src).unwrap(), "would block, not closed");
+                while let Some(p) = fr.next_payload().unwrap() {
+                    got.push(decode::<Vec<u8>>(p).unwrap());
+                }
+            }
+            assert_eq!(got.len(), sizes.len(), "pieces of {piece}");
+            for (i, (v, &n)) in got.iter().zip(&sizes).enumerate() {
+                assert!(v.len() == n && v.iter().all(|&b| b == i as u8), "frame {i}, pieces of {piece}");
+            }
+            assert!(!fr.has_partial());
+        }
+        // The end of the stream is told apart from a read that would block.
+        let mut fr = FrameReader::new();
+        assert!(!fr.read_from(&mut &b""[..]).unwrap());
     }
 
     #[test]

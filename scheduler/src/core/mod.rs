@@ -669,8 +669,10 @@ impl Core {
     }
 
     /// [`Core::update_queue`]; `keep_age`: a job that enters the queue
-    /// keeps the age it had (a task queued again after its node was lost
-    /// does not go to the back).
+    /// keeps the age it had and the priority it was last given (a task
+    /// queued again after its node was lost does not go to the back, nor
+    /// behind the jobs its own usage since then would put it after, until
+    /// priorities are next recomputed for every queued job alike).
     fn update_queue_aged(&mut self, seq: u64, keep_age: bool) {
         let Core { jobs, queue, config, fair_share, cluster_cores, now, .. } = self;
         let Some(job) = jobs.get_mut(&seq) else { return };
@@ -679,7 +681,7 @@ impl Core {
                 if !keep_age {
                     job.eligible_since = *now;
                 }
-                if config.policy == Policy::Multifactor {
+                if config.policy == Policy::Multifactor && !keep_age {
                     job.priority =
                         job.factors(config, fair_share, *cluster_cores, *now).priority(&config.weights);
                 }

@@ -359,6 +359,21 @@ fn fair_share_puts_the_user_with_less_usage_first() {
 }
 
 #[test]
+fn a_task_queued_again_keeps_its_place_before_its_users_later_jobs() {
+    let mut c = weighted(1000, 0, 0, 0);
+    node(&mut c, 0, 1);
+    run_at(&mut c, 0, Event::Submit { seq: 1, request: of_user(1, req(1)) });
+    run_at(&mut c, 0, Event::Submit { seq: 2, request: of_user(1, req(1)) });
+    // Job 1 runs for 10 s, then is queued again (as when the agent that ran
+    // it went away). Its user's usage since would lower a fresh priority of
+    // either job alike; job 2's stays as computed until the next recompute,
+    // and so does job 1's, which starts again first.
+    let d = run_at(&mut c, 10_000, Event::Requeue(job(1)));
+    assert_eq!(started(&d), vec![job(1)]);
+    assert_eq!(c.queue_order().collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
 fn usage_decays_with_the_half_life() {
     let mut c = Core::with_config(CoreConfig { usage_half_life: 1000 * 1000, ..CoreConfig::default() });
     node(&mut c, 0, 2);
