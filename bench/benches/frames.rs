@@ -69,5 +69,10 @@ fn read_small(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, read_small);
-criterion_main!(benches);
+// `criterion_group!` makes an undocumented `pub fn benches`.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, read_small);
+}
+criterion_main!(group::benches);

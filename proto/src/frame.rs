@@ -292,7 +292,7 @@ mod tests {
 
     #[test]
     fn reads_keep_frames_whole_across_compaction_and_growth() {
-        // Frames of every size from empty to twice the first buffer, read in
+        // Frames from empty to about twice the first buffer, read in
         // pieces that do not line up with them, taken a few reads at a time:
         // consumed bytes are dropped and kept ones moved to the front while a
         // frame is incomplete.
