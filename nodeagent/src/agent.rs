@@ -4,7 +4,9 @@
 //! [`run`] proceeds in steps:
 //!
 //! 1. discover the topology and clear the calling thread's signal mask, which
-//!    the agent's threads and, through them, its jobs inherit;
+//!    the agent's threads and, through them, its jobs inherit; open the
+//!    node's shared-memory store and bind `agent.sock`, so that once the
+//!    server shows the node up its local clients can reach it;
 //! 2. connect, send [`Hello`] with the node's [`NodeInfo`], and read the
 //!    server's [`ToAgent::Welcome`] (or its [`ServerReply::Error`]);
 //! 3. start two threads that turn outside happenings into events on one
@@ -235,41 +237,14 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
         None
     };
 
-    // Step 2.
-    let addr = &config.server;
-    let connect_err = |error| AgentError::Connect { addr: addr.clone(), error };
-    let mut conn = Conn::connect(addr).map_err(connect_err)?;
-    conn.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(connect_err)?;
-    let (server_name, frames) = handshake(&mut conn, &node, addr)?;
-    info!(server = %server_name, %addr, node = %node.hostname, cores = node.cores.len(), "agent connected");
-
-    // Step 3.
+    // The local socket is bound before the server hears of this node, so
+    // that a node shown up answers its local clients at once; they wait for
+    // the main loop meanwhile.
     let thread_err = |name| move |error| AgentError::Thread { name, error };
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    let incoming = Incoming { conn: conn.try_clone().map_err(connect_err)?, frames };
     let (wake_tx, wake_rx) = UnixStream::pair().map_err(thread_err("wake-up socket"))?;
     wake_rx.set_nonblocking(true).map_err(thread_err("wake-up socket"))?;
     let events_tx = Events::new(events_tx, wake_tx).map_err(thread_err("wake-up socket"))?;
-    let (spawned_tx, spawned_rx) = crossbeam_channel::unbounded();
-    let spawn_lock = Arc::new(Mutex::new(()));
-    let (lock, tx) = (spawn_lock.clone(), events_tx.clone());
-    let reaper = std::thread::Builder::new()
-        .name("agent-reaper".into())
-        .spawn(move || reap_loop(&lock, &spawned_rx, &tx))
-        .map_err(thread_err("reaper"));
-    let signals = SignalThread::start(events_tx.clone());
-    let (reaper, signals) = match (reaper, signals) {
-        (Ok(b), Ok(c)) => (b, c),
-        (b, c) => {
-            // The reaper ends with its channel.
-            conn.shutdown();
-            let first_err = [b.err(), c.err()].into_iter().flatten().next();
-            return Err(first_err.expect("one thread failed to start"));
-        }
-    };
-
-    // Step 4.
-    let writer = BufWriter::with_capacity(64 * 1024, conn);
     let store = config.shm.clone().and_then(|shm| match crate::shm::SegmentStore::open(shm) {
         Ok(store) => Some(store),
         Err(e) => {
@@ -291,6 +266,37 @@ pub fn run_with_node(config: AgentConfig, mut node: NodeInfo) -> Result<(), Agen
             }
         },
     };
+
+    // Step 2.
+    let addr = &config.server;
+    let connect_err = |error| AgentError::Connect { addr: addr.clone(), error };
+    let mut conn = Conn::connect(addr).map_err(connect_err)?;
+    conn.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(connect_err)?;
+    let (server_name, frames) = handshake(&mut conn, &node, addr)?;
+    info!(server = %server_name, %addr, node = %node.hostname, cores = node.cores.len(), "agent connected");
+
+    // Step 3.
+    let incoming = Incoming { conn: conn.try_clone().map_err(connect_err)?, frames };
+    let (spawned_tx, spawned_rx) = crossbeam_channel::unbounded();
+    let spawn_lock = Arc::new(Mutex::new(()));
+    let (lock, tx) = (spawn_lock.clone(), events_tx.clone());
+    let reaper = std::thread::Builder::new()
+        .name("agent-reaper".into())
+        .spawn(move || reap_loop(&lock, &spawned_rx, &tx))
+        .map_err(thread_err("reaper"));
+    let signals = SignalThread::start(events_tx.clone());
+    let (reaper, signals) = match (reaper, signals) {
+        (Ok(b), Ok(c)) => (b, c),
+        (b, c) => {
+            // The reaper ends with its channel.
+            conn.shutdown();
+            let first_err = [b.err(), c.err()].into_iter().flatten().next();
+            return Err(first_err.expect("one thread failed to start"));
+        }
+    };
+
+    // Step 4.
+    let writer = BufWriter::with_capacity(64 * 1024, conn);
     let python = python::PythonSide::new(pool, store);
     let mut agent = Agent::new(launcher, writer, config.kill_grace, spawn_lock, spawned_tx, python);
     agent.cgroups = cgroups;

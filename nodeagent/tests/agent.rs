@@ -40,6 +40,16 @@ fn start_agent(
     grace: Duration,
     started_report_delay: Duration,
 ) -> (tempfile::TempDir, PathBuf, UnixStream, crossbeam_channel::Receiver<Result<(), AgentError>>) {
+    start_agent_with(grace, started_report_delay, false)
+}
+
+/// [`start_agent`]; with `local_socket`, the agent listens on `agent.sock`
+/// in the tempdir.
+fn start_agent_with(
+    grace: Duration,
+    started_report_delay: Duration,
+    local_socket: bool,
+) -> (tempfile::TempDir, PathBuf, UnixStream, crossbeam_channel::Receiver<Result<(), AgentError>>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("server.sock");
     let spool = dir.path().join("spool");
@@ -50,7 +60,7 @@ fn start_agent(
         kill_grace: grace,
         hostname: Some("testnode".into()),
         use_cgroups: false,
-        local_socket: None,
+        local_socket: local_socket.then(|| dir.path().join("agent.sock")),
         python_path: None,
         shm: None,
         started_report_delay,
@@ -580,6 +590,22 @@ fn server_hanging_up_during_handshake_is_reported() {
     drop(conn);
     let err = agent.recv_timeout(TIMEOUT).unwrap().unwrap_err();
     assert!(matches!(err, AgentError::Handshake { .. }), "{err:?}");
+}
+
+#[test]
+fn agent_sock_answers_before_the_server_welcomes_the_node() {
+    let _one = serial();
+    let (dir, _spool, mut conn, agent) =
+        start_agent_with(Duration::from_secs(1), agent::STARTED_REPORT_DELAY, true);
+    let _: Hello = read_frame(&mut conn).unwrap();
+    // The welcome is held back: the server has not shown the node up yet,
+    // and a local client can already connect (it is answered once the
+    // agent's main loop runs).
+    let local = UnixStream::connect(dir.path().join("agent.sock"));
+    assert!(local.is_ok(), "agent.sock does not answer before the welcome: {local:?}");
+    write_frame(&mut conn, &ToAgent::Welcome { server_name: "srv".into() }).unwrap();
+    write_frame(&mut conn, &ToAgent::Shutdown).unwrap();
+    agent.recv_timeout(TIMEOUT).expect("the agent did not stop").unwrap();
 }
 
 #[test]
