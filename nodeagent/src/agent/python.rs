@@ -68,7 +68,8 @@ pub(super) struct PythonSide {
 /// unpickle it again for the next: the loaded function object is reused, as
 /// it is between the tasks of one map. A pickle is hashed once per job; each
 /// distinct one is kept once while a job uses it, and the last
-/// [`IDLE_FUNCTIONS`] that no job uses any more keep their keys too: a loop
+/// [`IDLE_FUNCTIONS`] that no job uses any more (of at most
+/// [`IDLE_FUNCTION_MAX_BYTES`]) keep their keys too: a loop
 /// of `cloud.call`s, whose every job is forgotten before the next one
 /// arrives, keeps one key.
 #[derive(Debug, Default)]
@@ -95,6 +96,9 @@ struct FunctionKey {
 
 /// Most function pickles that no job uses kept under their keys.
 const IDLE_FUNCTIONS: usize = 32;
+/// Larger pickles (a function capturing a large object) are dropped once no
+/// job uses them, so that idle ones take at most 32 MiB.
+const IDLE_FUNCTION_MAX_BYTES: usize = 1 << 20;
 
 impl FunctionKeys {
     /// The key of job `seq`'s function `pickle`.
@@ -118,13 +122,18 @@ impl FunctionKeys {
         key
     }
 
-    /// Job `seq` is gone: once no job uses its pickle, the pickle is idle,
-    /// and the oldest idle one beyond [`IDLE_FUNCTIONS`] is dropped.
+    /// Job `seq` is gone: once no job uses its pickle, the pickle is idle
+    /// (or dropped, over [`IDLE_FUNCTION_MAX_BYTES`]), and the oldest idle
+    /// one beyond [`IDLE_FUNCTIONS`] is dropped.
     fn forget(&mut self, seq: u64) {
         let Some((_, pickle)) = self.jobs.remove(&seq) else { return };
         let Some(entry) = self.keys.get_mut(&pickle) else { return };
         entry.jobs -= 1;
         if entry.jobs > 0 {
+            return;
+        }
+        if pickle.len() > IDLE_FUNCTION_MAX_BYTES {
+            self.keys.remove(&pickle);
             return;
         }
         self.generation += 1;
@@ -818,6 +827,15 @@ mod tests {
         }
         assert!(keys.keys.contains_key(b"in use".as_slice()));
         assert!(keys.keys.len() <= IDLE_FUNCTIONS + 2);
+
+        // A large pickle is not kept once idle.
+        let large = vec![7u8; IDLE_FUNCTION_MAX_BYTES + 1];
+        let first = keys.key(1_000, &large);
+        assert_eq!(keys.key(1_001, &large), first, "shared while in use");
+        keys.forget(1_000);
+        keys.forget(1_001);
+        assert!(!keys.keys.contains_key(large.as_slice()));
+        assert!(keys.key(1_002, &large) > first, "a new key");
     }
 
     #[test]
