@@ -74,24 +74,14 @@ pub(super) struct PythonSide {
 /// arrives, keeps one key.
 #[derive(Debug, Default)]
 struct FunctionKeys {
-    /// Key, number of jobs using it, and when it was last released (an
-    /// `idle` generation), by pickle.
-    keys: HashMap<Arc<[u8]>, FunctionKey>,
+    /// Key and number of jobs using it, by pickle.
+    keys: HashMap<Arc<[u8]>, (u64, usize)>,
     /// Each job's key and pickle.
     jobs: HashMap<u64, (u64, Arc<[u8]>)>,
-    /// Pickles that no job used when they were released, oldest first, with
-    /// the generation of that release (an entry is stale when the pickle was
-    /// used and released again since).
-    idle: VecDeque<(Arc<[u8]>, u64)>,
+    /// The pickles that no job uses, oldest first (at most
+    /// [`IDLE_FUNCTIONS`]).
+    idle: VecDeque<Arc<[u8]>>,
     next: u64,
-    generation: u64,
-}
-
-#[derive(Debug)]
-struct FunctionKey {
-    key: u64,
-    jobs: usize,
-    released: u64,
 }
 
 /// Most function pickles that no job uses kept under their keys.
@@ -111,13 +101,17 @@ impl FunctionKeys {
             None => {
                 self.next += 1;
                 let shared: Arc<[u8]> = Arc::from(pickle);
-                self.keys.insert(Arc::clone(&shared), FunctionKey { key: self.next, jobs: 0, released: 0 });
+                self.keys.insert(Arc::clone(&shared), (self.next, 0));
                 shared
             }
         };
-        let entry = self.keys.get_mut(&shared).expect("inserted above");
-        entry.jobs += 1;
-        let key = entry.key;
+        let (key, users) = self.keys.get_mut(&shared).expect("inserted above");
+        if *users == 0 {
+            // In use again: no longer idle (if it was ever released).
+            self.idle.retain(|p| !Arc::ptr_eq(p, &shared));
+        }
+        *users += 1;
+        let key = *key;
         self.jobs.insert(seq, (key, shared));
         key
     }
@@ -127,23 +121,19 @@ impl FunctionKeys {
     /// one beyond [`IDLE_FUNCTIONS`] is dropped.
     fn forget(&mut self, seq: u64) {
         let Some((_, pickle)) = self.jobs.remove(&seq) else { return };
-        let Some(entry) = self.keys.get_mut(&pickle) else { return };
-        entry.jobs -= 1;
-        if entry.jobs > 0 {
+        let Some((_, users)) = self.keys.get_mut(&pickle) else { return };
+        *users -= 1;
+        if *users > 0 {
             return;
         }
         if pickle.len() > IDLE_FUNCTION_MAX_BYTES {
             self.keys.remove(&pickle);
             return;
         }
-        self.generation += 1;
-        entry.released = self.generation;
-        self.idle.push_back((pickle, self.generation));
-        while self.idle.len() > IDLE_FUNCTIONS {
-            let (oldest, released) = self.idle.pop_front().expect("longer than the bound");
-            if self.keys.get(&oldest).is_some_and(|e| e.jobs == 0 && e.released == released) {
-                self.keys.remove(&oldest);
-            }
+        self.idle.push_back(pickle);
+        if self.idle.len() > IDLE_FUNCTIONS {
+            let oldest = self.idle.pop_front().expect("longer than the bound");
+            self.keys.remove(&oldest);
         }
     }
 }
